@@ -1,0 +1,211 @@
+"""Command line: ``python -m clipkit {fit,ui} [Hydra overrides]``.
+
+``fit`` is a plain ``@hydra.main`` app (so ``--cfg job``, ``--help`` and ``-m`` work as Hydra documents);
+before handing over, the overrides are composed once here so a mistyped preset or key fails in one
+line that names it and suggests the nearest valid name, instead of Hydra's page of search paths.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import hydra
+from hydra import compose, initialize_config_dir
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import ConfigCompositionException, HydraException, InstantiationException, MissingConfigException
+from omegaconf import DictConfig, OmegaConf
+
+from clipkit.tracking import REPO_ROOT, runs_url
+
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")
+OmegaConf.register_new_resolver("clipkit_root", lambda: str(REPO_ROOT), replace=True)
+log = logging.getLogger("clipkit")
+
+USAGE = """usage: python -m clipkit COMMAND [hydra overrides]
+
+commands:
+  fit   train a model: python -m clipkit fit experiments=contrastive_vit [key=value ...]
+        Hydra's own flags work: --cfg job (print the config), -m (multirun grid), --help
+  ui    start the MLflow UI on 127.0.0.1 for the run store: python -m clipkit ui [port=5000]
+"""
+
+
+class UsageError(Exception):
+    """A bad command line or config choice: reported in one line, exit code 2."""
+
+
+def _suggest(name: str, options: list[str]) -> str:
+    close = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
+    return f": did you mean {close[0]}?" if close else f" (choose from {', '.join(options) or 'none'})"
+
+
+def _keys(cfg: DictConfig, prefix: str = "") -> list[str]:
+    out = []
+    for key in cfg.keys():
+        node = cfg._get_node(key)
+        out.append(f"{prefix}{key}")
+        if isinstance(node, DictConfig) and not OmegaConf.is_interpolation(cfg, key):
+            out += _keys(node, f"{prefix}{key}.")
+    return out
+
+
+def _single_job(overrides: list[str]) -> list[str]:
+    """First value of each sweep (``a=1,2`` -> ``a=1``), so a multirun's first job can be checked."""
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    out = []
+    for override, text in zip(parsed, overrides):
+        if override.is_sweep_override():
+            value = next(iter(override.sweep_string_iterator()))
+            out.append(f"{override.get_key_element()}={value}")
+        else:
+            out.append(text)
+    return out
+
+
+def compose_config(overrides: list[str], config_name: str = "fit") -> DictConfig:
+    """Compose like ``fit`` would (Hydra's node included), turning composition errors into one line."""
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            return compose(config_name, overrides=overrides, return_hydra_config=True)
+    except MissingConfigException as err:
+        missing = str(err.missing_cfg_file or "")
+        group, _, choice = missing.rpartition("/")
+        if group:
+            raise UsageError(f"unknown {group} choice {choice!r}{_suggest(choice, list(err.options or []))}") from None
+        raise UsageError(str(err).splitlines()[0]) from None
+    except ConfigCompositionException as err:
+        first = str(err).splitlines()[0]
+        if first.startswith("Could not override '"):
+            key = first.split("'")[1]
+            with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+                good = [o for o in overrides if not o.lstrip("+~").startswith(key + "=")]
+                known = _keys(compose(config_name, overrides=good))
+            raise UsageError(f"unknown config key {key!r}{_suggest(key, known)} "
+                             f"(to add a new key, write +{key}=...)") from None
+        raise UsageError(first) from None
+    except HydraException as err:
+        raise UsageError(str(err).splitlines()[0]) from None
+
+
+# Hydra's flags that take a value (``--cfg job``), and those after which there is nothing to check.
+VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
+               "--config-dir", "-cd", "--experimental-rerun"}
+INFO_FLAGS = {"--help", "-h", "--hydra-help", "--info", "--shell-completion", "-sc"}
+
+
+def split_flags(args: list[str]) -> tuple[list[str], list[str]]:
+    """(Hydra flags with their values, key=value overrides)."""
+    flags, overrides, take_value = [], [], False
+    for arg in args:
+        if take_value or arg.startswith("-"):
+            flags.append(arg)
+            take_value = not take_value and arg in VALUE_FLAGS
+        else:
+            overrides.append(arg)
+    return flags, overrides
+
+
+def preflight(args: list[str]) -> None:
+    """Fail fast, in one line, on a bad preset or key before Hydra starts a (multi)run."""
+    flags, overrides = split_flags(args)
+    if INFO_FLAGS & set(flags):
+        return
+    try:
+        first_job = _single_job(overrides)
+    except HydraException as err:
+        raise UsageError(str(err).splitlines()[0]) from None
+    compose_config(first_job)
+
+
+def _root_cause(err: BaseException) -> BaseException:
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return err
+
+
+def _fit_task(cfg: DictConfig) -> None:
+    from clipkit.train import fit  # heavy imports only once the command line is known to be good
+
+    choices = HydraConfig.get().runtime.choices
+    try:
+        result = fit(cfg, preset=choices.get("experiments"))
+    except InstantiationException as err:
+        cause = _root_cause(err)
+        # A bad config value (unknown backbone, bad pooling...) is a usage error, not a crash.
+        raise SystemExit(f"clipkit: error: {type(cause).__name__}: {cause}") from None
+    print_summary(result)
+
+
+def print_summary(result) -> None:
+    lines = ["", "clipkit fit finished"]
+    lines.append(f"  images seen           {result.images_seen:,} in {result.seconds / 60:.1f} min "
+                 f"({result.train_images_per_second:.0f} training images/s)")
+    for key in sorted(result.metrics):
+        if key.startswith(("zeroshot/", "retrieval/")):
+            lines.append(f"  {key:<40} {100 * result.metrics[key]:6.2f} %")
+    if result.run_id:
+        lines.append(f"  MLflow run {result.run_id} (experiment id {result.experiment_id}) "
+                     f"in {result.tracking_uri}")
+        lines.append("  browse it: python -m clipkit ui")
+    if result.checkpoint:
+        lines.append(f"  checkpoint: {result.checkpoint}")
+    print("\n".join(lines), flush=True)
+
+
+def fit_main(overrides: list[str]) -> int:
+    preflight(overrides)
+    sys.argv = ["clipkit fit", *overrides]
+    hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="fit")(_fit_task)()
+    return 0
+
+
+def ui_main(args: list[str]) -> int:
+    """Serve the MLflow UI for the store ``fit`` writes to (same config, same overrides)."""
+    port = 5000
+    rest = []
+    for arg in args:
+        if arg.startswith("port="):
+            port = int(arg.split("=", 1)[1])
+        else:
+            rest.append(arg)
+    cfg = compose_config(rest)
+    uri, name = cfg.logger.tracking_uri, cfg.logger.experiment_name
+    import mlflow
+
+    experiment = mlflow.MlflowClient(tracking_uri=uri).get_experiment_by_name(name)
+    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1",
+           "--port", str(port), "--workers", "1"]
+    server = subprocess.Popen(cmd)
+    where = runs_url("127.0.0.1", port, experiment.experiment_id) if experiment else f"http://127.0.0.1:{port}"
+    note = "" if experiment else f" (no experiment {name!r} in {uri} yet)"
+    time.sleep(1)
+    print(f"MLflow UI for {uri}: {where}{note}  (ready in ~15 s; Ctrl-C stops it)", flush=True)
+    try:
+        return server.wait()
+    except KeyboardInterrupt:
+        server.terminate()
+        return 0
+
+
+COMMANDS = {"fit": fit_main, "ui": ui_main}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    try:
+        if command not in COMMANDS:
+            raise UsageError(f"unknown command {command!r}{_suggest(command, list(COMMANDS))}")
+        return COMMANDS[command](rest)
+    except UsageError as err:
+        print(f"clipkit: error: {err}", file=sys.stderr)
+        return 2

@@ -1,0 +1,38 @@
+"""Image tower: any timm model by name, its classifier removed, returning pooled features."""
+
+from __future__ import annotations
+
+import difflib
+
+import timm
+import torch
+from torch import nn
+
+
+def create_timm_model(name: str, **kwargs) -> nn.Module:
+    """``timm.create_model`` without a classifier or a download, with a one-line error for a typo."""
+    if name not in timm.list_models():
+        close = difflib.get_close_matches(name, timm.list_models(), n=1, cutoff=0.6)
+        hint = f": did you mean {close[0]}?" if close else " (see timm.list_models())"
+        raise ValueError(f"unknown image backbone {name!r}{hint}")
+    # pretrained weights need the hub, which this kit never reaches; local weights come in a later issue
+    return timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+
+
+class ImageTower(nn.Module):
+    """``images [B, 3, H, W] -> features [B, width]`` from timm's own pooling (cls token, avg or attention pool).
+
+    Keyword arguments go to the timm constructor unchanged (``img_size``, ``patch_size``, ``depth``...),
+    so every timm model is usable without a wrapper per family.
+    """
+
+    def __init__(self, name: str, grad_checkpointing: bool = False, **kwargs) -> None:
+        super().__init__()
+        self.name = name
+        self.model = create_timm_model(name, **kwargs)
+        self.width = self.model.num_features
+        if grad_checkpointing:
+            self.model.set_grad_checkpointing(True)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)

@@ -1,0 +1,39 @@
+"""Text tower: a transformers model built from a config, pooled at the end-of-text token (or cls / mean)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import AutoModel, PretrainedConfig
+
+POOLINGS = ("eos", "cls", "mean")
+
+
+class TextTower(nn.Module):
+    """``input_ids, attention_mask [B, L] -> features [B, width]``.
+
+    ``eos`` pooling (the paper's) reads the last non-padding position, located from ``attention_mask``
+    rather than from ``config.eos_token_id``: transformers' CLIP default (49407) lies outside a small
+    vocabulary, and its own pooler then silently reads position 0.
+    """
+
+    def __init__(self, config: PretrainedConfig, pooling: str = "eos", grad_checkpointing: bool = False) -> None:
+        super().__init__()
+        if pooling not in POOLINGS:
+            raise ValueError(f"unknown text pooling {pooling!r}: choose from {', '.join(POOLINGS)}")
+        self.model = AutoModel.from_config(config)
+        self.pooling = pooling
+        self.width = config.hidden_size
+        self.vocab_size = config.vocab_size
+        if grad_checkpointing:
+            self.model.gradient_checkpointing_enable()
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, L, W]
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        if self.pooling == "mean":
+            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+            return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+        last = attention_mask.sum(1).long() - 1  # the end-of-text token: last non-padding position
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]

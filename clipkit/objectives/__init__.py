@@ -1,0 +1,8 @@
+"""Training objectives. Each owns the towers it needs and answers the same two questions:
+``loss(batch)`` for training and ``zero_shot_logits(images, prompts)`` for evaluation, so callbacks
+and comparisons never branch on which objective a run used."""
+
+from clipkit.objectives.base import Objective
+from clipkit.objectives.contrastive import Contrastive, contrastive_loss
+
+__all__ = ["Objective", "Contrastive", "contrastive_loss"]

@@ -1,0 +1,73 @@
+"""Lower-cased BPE trained with `tokenizers` on the training captions, cached, served as a HF tokenizer.
+
+The paper's text tower reads lower-cased BPE with start/end tokens and a fixed context; we train a small
+BPE on the run's own captions (no download) and wrap it in ``PreTrainedTokenizerFast`` so that a
+tokenizer loaded from a local Hugging Face directory later has the same interface.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+log = logging.getLogger(__name__)
+
+PAD, BOS, EOS, UNK = "<pad>", "<start_of_text>", "<end_of_text>", "<unk>"
+SPECIALS = [PAD, BOS, EOS, UNK]  # ids 0, 1, 2, 3: the text tower's config names them
+PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(4)
+
+
+def _train(captions: list[str], vocab_size: int) -> Tokenizer:
+    tok = Tokenizer(models.BPE(unk_token=UNK, end_of_word_suffix="</w>"))
+    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase(), normalizers.Strip()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.decoder = decoders.BPEDecoder(suffix="</w>")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, end_of_word_suffix="</w>",
+                                  show_progress=False)
+    tok.train_from_iterator(captions, trainer)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A {EOS}", special_tokens=[(BOS, BOS_ID), (EOS, EOS_ID)])
+    return tok
+
+
+def _wrap(tok: Tokenizer, context_length: int) -> PreTrainedTokenizerFast:
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, model_max_length=context_length, padding_side="right", truncation_side="right",
+        pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK)
+
+
+def train_or_load_bpe(captions: Iterable[str], vocab_size: int, context_length: int,
+                      cache_dir: str | Path) -> PreTrainedTokenizerFast:
+    """Train a BPE on ``captions`` or load the cached one trained on the same captions and settings.
+
+    The cache key hashes the corpus itself, so a change to the caption generator never reuses a stale
+    vocabulary. ``context_length`` counts the start and end tokens (the paper's 77 = 76 + 1 ... ).
+    """
+    captions = list(captions)
+    if not captions:
+        raise ValueError("cannot train a tokenizer on an empty caption corpus")
+    digest = hashlib.sha256("\n".join(captions).encode()).hexdigest()[:16]
+    path = Path(cache_dir) / f"bpe-{vocab_size}-{digest}.json"
+    if path.exists():
+        tok = Tokenizer.from_file(str(path))
+    else:
+        tok = _train(captions, vocab_size)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tok.save(str(tmp))
+        tmp.replace(path)  # atomic: parallel runs of a multirun never read a half-written file
+        log.info("trained a %d-token BPE on %d captions -> %s", tok.get_vocab_size(), len(captions), path)
+    wrapped = _wrap(tok, context_length)
+    wrapped.cache_path = str(path)
+    return wrapped
+
+
+def tokenize(tokenizer: PreTrainedTokenizerFast, texts: list[str], context_length: int) -> dict:
+    """``texts`` -> ``input_ids`` and ``attention_mask`` [N, context_length] (int64), end token kept on truncation."""
+    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=context_length, return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}

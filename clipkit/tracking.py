@@ -1,0 +1,81 @@
+"""MLflow: the run record (flattened config, tags, config artifact) and the logger that steps by images seen."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.loggers import MLFlowLogger as _LightningMLFlowLogger
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+class MLFlowLogger(_LightningMLFlowLogger):
+    """Lightning's MLflow logger, with each metric's step set to the ``images_seen`` logged beside it.
+
+    Images seen is the x-axis of the paper's Figure 2 and stays comparable across batch sizes,
+    accumulation and world sizes, where optimiser steps do not. Metrics logged without ``images_seen``
+    keep Lightning's step.
+    """
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        if "images_seen" in metrics:
+            step = int(metrics["images_seen"])
+        super().log_metrics(metrics, step)
+
+
+def flatten_config(cfg: DictConfig, prefix: str = "") -> dict[str, Any]:
+    """Resolved leaves as ``a/b/c -> value``. A key that interpolates a whole sub-tree (the objective's
+    ``image_tower: ${model.image}``) is recorded as the interpolation, since that tree is logged once
+    under its own key."""
+    flat: dict[str, Any] = {}
+    items = cfg.items_ex(resolve=False) if isinstance(cfg, DictConfig) else enumerate(cfg)
+    for key, _ in items:
+        name = f"{prefix}{key}"
+        if OmegaConf.is_interpolation(cfg, key) and isinstance(cfg[key], (DictConfig, ListConfig)):
+            flat[name] = cfg._get_node(key)._value()
+        elif isinstance(cfg[key], DictConfig):
+            flat.update(flatten_config(cfg[key], f"{name}/"))
+        elif isinstance(cfg[key], ListConfig):
+            flat[name] = OmegaConf.to_container(cfg[key], resolve=True)
+        else:
+            flat[name] = cfg[key]
+    return flat
+
+
+def git_revision() -> str:
+    """The commit the code ran at, with ``-dirty`` if the tree had uncommitted changes."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout.strip()
+    try:
+        return git("rev-parse", "HEAD") + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def run_tags(cfg: DictConfig, preset: str | None) -> dict[str, str]:
+    revision = git_revision()
+    return {
+        "mlflow.source.git.commit": revision.removesuffix("-dirty"),  # shown by the MLflow UI
+        "clipkit.git_revision": revision,
+        "clipkit.preset": preset or "none",
+        "clipkit.objective": str(cfg.objective._target_).rsplit(".", 1)[-1],
+        "clipkit.seed": str(cfg.get("seed")),
+    }
+
+
+def record_run(logger: MLFlowLogger, cfg: DictConfig, extra_artifacts: list[str | Path] = ()) -> None:
+    """Params = the flattened resolved config; artifacts = the resolved config (enough, with the git
+    revision and the seed, to rerun) and files such as the trained tokenizer."""
+    logger.log_hyperparams(flatten_config(cfg))
+    client, run_id = logger.experiment, logger.run_id
+    client.log_text(run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+    for path in extra_artifacts:
+        client.log_artifact(run_id, str(path))
+
+
+def runs_url(host: str, port: int, experiment_id: str) -> str:
+    """The training-runs table (MLflow 3 opens an experiment on its GenAI overview otherwise)."""
+    return f"http://{host}:{port}/#/experiments/{experiment_id}/runs"

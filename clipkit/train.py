@@ -1,0 +1,83 @@
+"""``fit(cfg)``: one function from a composed config to a trained, evaluated, recorded run.
+
+The CLI and the tests call this same function, so they exercise one path.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lightning as L
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from clipkit.models import TextTower
+from clipkit.tracking import MLFlowLogger, record_run, run_tags
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FitResult:
+    metrics: dict[str, float]
+    images_seen: int
+    seconds: float
+    train_images_per_second: float
+    run_id: str | None = None
+    experiment_id: str | None = None
+    tracking_uri: str | None = None
+    checkpoint: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def check_vocabulary(tokenizer, module: L.LightningModule) -> None:
+    """A text tower whose vocabulary or special ids disagree with the tokenizer trains on garbage silently."""
+    for tower in (m for m in module.modules() if isinstance(m, TextTower)):
+        cfg = tower.model.config
+        if len(tokenizer) > cfg.vocab_size:
+            raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the text tower's vocab_size is "
+                             f"{cfg.vocab_size}: raise model.text.config.vocab_size")
+        for name in ("pad", "bos", "eos"):
+            want, got = getattr(tokenizer, f"{name}_token_id"), getattr(cfg, f"{name}_token_id")
+            if want is not None and got != want:
+                raise ValueError(f"text tower {name}_token_id={got} but the tokenizer's is {want}: "
+                                 f"set model.text.config.{name}_token_id={want}")
+
+
+def fit(cfg: DictConfig, preset: str | None = None) -> FitResult:
+    """Instantiate data, model, callbacks, loggers and trainer from ``cfg`` (in that order) and train."""
+    if cfg.get("seed") is not None:
+        L.seed_everything(cfg.seed, workers=True)
+    log.info("data: %s", cfg.data._target_)
+    datamodule = instantiate(cfg.data)
+    tokenizer = datamodule.tokenizer
+    log.info("objective: %s", cfg.objective._target_)
+    module = instantiate(cfg.module)
+    check_vocabulary(tokenizer, module)
+    callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
+    loggers = [instantiate(cfg.logger, tags=run_tags(cfg, preset))] if cfg.get("logger") else []
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    for logger in trainer.loggers:  # fast_dev_run swaps loggers for a dummy
+        if isinstance(logger, MLFlowLogger):
+            record_run(logger, cfg, [p for p in [getattr(tokenizer, "cache_path", None)] if p])
+
+    start = time.perf_counter()
+    trainer.fit(module, datamodule=datamodule)
+    seconds = time.perf_counter() - start
+
+    eval_seconds = sum(getattr(c, "seconds", 0.0) for c in callbacks)
+    seen = int(module.images_seen)
+    result = FitResult(metrics={k: float(v) for k, v in trainer.callback_metrics.items()}, images_seen=seen,
+                       seconds=seconds, train_images_per_second=seen / max(seconds - eval_seconds, 1e-9))
+    for logger in trainer.loggers:
+        if isinstance(logger, MLFlowLogger):
+            logger.log_metrics({"throughput/train_images_per_second": result.train_images_per_second,
+                                "images_seen": seen})
+            result.run_id, result.experiment_id = logger.run_id, logger.experiment_id
+            result.tracking_uri = logger._tracking_uri
+    last = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else ""
+    result.checkpoint = last if last and Path(last).exists() else None
+    return result

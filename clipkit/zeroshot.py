@@ -1,0 +1,54 @@
+"""Held-out evaluation sets and prompt ensembling, independent of the objective and the dataset.
+
+A datamodule offers ``zeroshot_sets()`` and ``retrieval_sets()``; the zero-shot callback scores them
+with ``objective.zero_shot_logits``. Everything is small enough to hold in memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from clipkit.tokenization import tokenize
+
+# The paper's default prompt plus a few of its ensemble's templates that suit drawn scenes.
+DEFAULT_TEMPLATES = (
+    "a photo of a {}.",
+    "a drawing of a {}.",
+    "an illustration of a {}.",
+    "a picture of a {}.",
+    "a {}.",
+    "a photo of the small {}.",
+    "a photo of the large {}.",
+)
+
+
+@dataclass
+class ZeroShotSet:
+    """Labelled images ``[N, 3, H, W]`` with class prompts ``[C, T, L]`` (T templates per class)."""
+
+    name: str
+    images: torch.Tensor
+    labels: torch.Tensor
+    classnames: list[str]
+    prompts: dict[str, torch.Tensor]
+
+
+@dataclass
+class RetrievalSet:
+    """Images ``[N, 3, H, W]``, captions as prompts ``[M, 1, L]`` and which captions match which image."""
+
+    name: str
+    images: torch.Tensor
+    captions: list[str]
+    prompts: dict[str, torch.Tensor]
+    positives: torch.Tensor  # [N, M] bool
+
+
+def class_prompts(tokenizer, classnames: list[str], templates: tuple[str, ...] | list[str],
+                  context_length: int) -> dict[str, torch.Tensor]:
+    """Every template filled with every class name, tokenised to ``[C, T, L]``."""
+    texts = [t.format(c) for c in classnames for t in templates]
+    enc = tokenize(tokenizer, texts, context_length)
+    return {k: v.reshape(len(classnames), len(templates), context_length) for k, v in enc.items()}

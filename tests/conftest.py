@@ -1,0 +1,37 @@
+"""Shared fixtures: every test runs in its own directory with its own tokenizer cache and MLflow store."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from clipkit.cli import compose_config
+
+torch.set_num_threads(2)
+
+# A model and data small enough that a few optimiser steps take well under a second on 2 cores.
+TINY = [
+    "data.image_size=32", "data.batch_size=16", "data.num_workers=0", "data.corpus_size=500",
+    "data.eval_per_class=2", "data.retrieval_size=16", "data.supersample=1",
+    "model.image.depth=1", "model.image.embed_dim=32", "model.image.num_heads=2",
+    "model.text.config.hidden_size=32", "model.text.config.intermediate_size=64",
+    "model.text.config.num_hidden_layers=1", "model.text.config.num_attention_heads=2",
+    "objective.embed_dim=16", "module.warmup_steps=1", "trainer.enable_model_summary=false",
+    "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=1", "callbacks.zeroshot.every_n_steps=2",
+]
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    """Run in ``tmp_path``: the sqlite store (relative path) and outputs land there, not in the repo."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CLIPKIT_CACHE", str(tmp_path / "cache"))
+    return tmp_path
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path):
+    """Compose the real config (the CLI's path) with the tiny overrides plus any given ones."""
+    def make(*overrides: str):
+        return compose_config([*TINY, f"paths.output_dir={tmp_path}/out", *overrides])
+    return make

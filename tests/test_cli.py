@@ -1,0 +1,61 @@
+"""The command line: help, one-line errors that name the mistake, Hydra's own flags, every preset runs."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from clipkit.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+PRESETS = sorted(p.stem for p in (ROOT / "experiments").glob("*.yaml"))
+
+
+def run_cli(*args, timeout=600):
+    return subprocess.run([sys.executable, "-m", "clipkit", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_help_lists_the_commands(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "fit" in out and "ui" in out and "experiments=" in out
+
+
+@pytest.mark.parametrize("args,message", [
+    (["fit", "experiments=contrastive_vt"], "unknown experiments choice 'contrastive_vt': did you mean contrastive_vit?"),
+    (["fit", "trainer.max_stepz=3"], "unknown config key 'trainer.max_stepz': did you mean trainer.max_steps?"),
+    (["fit", "model/image=vit_huge_nonexistent"], "unknown model/image choice 'vit_huge_nonexistent'"),
+    (["fti"], "unknown command 'fti': did you mean fit?"),
+])
+def test_mistakes_get_one_line_that_names_them(capsys, args, message):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_mistyped_key_inside_a_multirun_sweep_is_caught_before_any_job(capsys):
+    assert main(["fit", "-m", "seed=1,2", "module.optimizer.lrr=1e-3,1e-4"]) == 2
+    assert "unknown config key 'module.optimizer.lrr'" in capsys.readouterr().err
+
+
+def test_cfg_job_prints_the_composed_preset():
+    proc = run_cli("fit", "experiments=contrastive_vit", "trainer.max_steps=7", "--cfg", "job")
+    assert proc.returncode == 0, proc.stderr
+    assert "experiment_name: contrastive_vit" in proc.stdout and "max_steps: 7" in proc.stdout
+
+
+def test_unknown_backbone_value_is_one_line_at_run_time(isolated):
+    proc = run_cli("fit", "debug=fdr", "model.image.name=vit_tiy_patch16_224", "~logger")
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("clipkit: error: ValueError: unknown image backbone 'vit_tiy_patch16_224'")
+    assert "did you mean vit_tiny_patch16_224" in last
+
+
+@pytest.mark.slow
+def test_every_preset_runs_a_fast_dev_run_in_one_multirun(isolated):
+    proc = run_cli("fit", "-m", "experiments=" + ",".join(PRESETS), "debug=fdr", "~logger")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("clipkit fit finished") == len(PRESETS) >= 1
+    assert len(list((isolated / "multirun").glob("*/*/*/.hydra/config.yaml"))) == len(PRESETS)
