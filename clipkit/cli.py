@@ -69,10 +69,10 @@ def _single_job(overrides: list[str]) -> list[str]:
 
 
 def compose_config(overrides: list[str], config_name: str = "fit") -> DictConfig:
-    """Compose like ``fit`` would (Hydra's node included), turning composition errors into one line."""
+    """Compose like ``fit`` would, turning composition errors into one line."""
     try:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            return compose(config_name, overrides=overrides, return_hydra_config=True)
+            return compose(config_name, overrides=overrides)
     except MissingConfigException as err:
         missing = str(err.missing_cfg_file or "")
         group, _, choice = missing.rpartition("/")

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from lightning.pytorch.loggers import MLFlowLogger as _LightningMLFlowLogger
+from mlflow.entities import Param
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -66,14 +68,28 @@ def run_tags(cfg: DictConfig, preset: str | None) -> dict[str, str]:
     }
 
 
-def record_run(logger: MLFlowLogger, cfg: DictConfig, extra_artifacts: list[str | Path] = ()) -> None:
-    """Params = the flattened resolved config; artifacts = the resolved config (enough, with the git
-    revision and the seed, to rerun) and files such as the trained tokenizer."""
-    logger.log_hyperparams(flatten_config(cfg))
-    client, run_id = logger.experiment, logger.run_id
-    client.log_text(run_id, OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-    for path in extra_artifacts:
-        client.log_artifact(run_id, str(path))
+@dataclass(frozen=True)
+class RunRecord:
+    """What a run logs about its configuration, taken before anything is instantiated (Hydra's
+    ``instantiate`` can resolve interpolated sub-trees of the original config in place)."""
+
+    params: dict[str, Any]
+    config_yaml: str
+
+    @classmethod
+    def of(cls, cfg: DictConfig) -> RunRecord:
+        return cls(flatten_config(cfg), OmegaConf.to_yaml(cfg, resolve=True))
+
+    def log(self, logger: MLFlowLogger, extra_artifacts: list[str | Path] = ()) -> None:
+        """Params = the flattened resolved config; artifacts = the resolved config (enough, with the git
+        revision and the seed, to rerun) and files such as the trained tokenizer."""
+        client, run_id = logger.experiment, logger.run_id
+        params = [Param(k, str(v)) for k, v in self.params.items()]
+        for start in range(0, len(params), 100):  # MLflow's batch limit; Lightning's own would cut values at 250 chars
+            client.log_batch(run_id, params=params[start:start + 100])
+        client.log_text(run_id, self.config_yaml, "config.yaml")
+        for path in extra_artifacts:
+            client.log_artifact(run_id, str(path))
 
 
 def runs_url(host: str, port: int, experiment_id: str) -> str:

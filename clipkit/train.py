@@ -15,7 +15,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from clipkit.models import TextTower
-from clipkit.tracking import MLFlowLogger, record_run, run_tags
+from clipkit.tracking import MLFlowLogger, RunRecord, run_tags
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ def check_vocabulary(tokenizer, module: L.LightningModule) -> None:
 
 def fit(cfg: DictConfig, preset: str | None = None) -> FitResult:
     """Instantiate data, model, callbacks, loggers and trainer from ``cfg`` (in that order) and train."""
+    record = RunRecord.of(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     log.info("data: %s", cfg.data._target_)
@@ -62,7 +63,7 @@ def fit(cfg: DictConfig, preset: str | None = None) -> FitResult:
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in trainer.loggers:  # fast_dev_run swaps loggers for a dummy
         if isinstance(logger, MLFlowLogger):
-            record_run(logger, cfg, [p for p in [getattr(tokenizer, "cache_path", None)] if p])
+            record.log(logger, [p for p in [getattr(tokenizer, "cache_path", None)] if p])
 
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)

@@ -46,7 +46,7 @@ SHAPE_SYNONYMS = {
     "ring": ["ring", "hoop", "donut"],
     "crescent": ["crescent", "moon"],
 }
-SIZES = {"small": 0.26, "large": 0.46}  # object diameter as a fraction of the image side
+SIZES = {"small": 0.3, "large": 0.5}  # object diameter as a fraction of the image side
 SIZE_SYNONYMS = {"small": ["small", "little", "tiny"], "large": ["large", "big", "huge"]}
 SPLITS = {"train": 0, "zeroshot": 1, "novel_pairs": 2, "retrieval": 3, "corpus": 4}
 
@@ -78,10 +78,18 @@ def sample_rng(seed: int, split: str, index: int) -> np.random.Generator:
     return np.random.default_rng([seed, SPLITS[split], index])
 
 
+OBJECTS_P = (0.5, 0.3, 0.2)  # P(1, 2, 3 objects)
+
+
 def sample_scene(rng: np.random.Generator, pairs: list[tuple[str, str]], n_objects: int | None = None,
-                 sizes: list[str] | None = None) -> Scene:
-    """Draw 1–3 non-overlapping objects whose (colour, shape) come from ``pairs``."""
-    n = n_objects or int(rng.integers(1, 4))
+                 sizes: list[str] | None = None, objects_p: tuple[float, ...] = OBJECTS_P) -> Scene:
+    """Draw 1–3 non-overlapping objects whose (colour, shape) come from ``pairs``.
+
+    Single objects dominate (``objects_p``): with several objects per scene, the set of colours alone
+    tells the images of a batch apart and a contrastive model never learns shape (measured: 100% colour,
+    24% shape accuracy after 100k images with uniform 1–3 objects).
+    """
+    n = n_objects or 1 + int(rng.choice(len(objects_p), p=np.asarray(objects_p) / sum(objects_p)))
     grey = int(rng.integers(60, 200))
     tint = rng.integers(-18, 19, size=3)
     background = tuple(int(np.clip(grey + t, 0, 255)) for t in tint)

@@ -16,6 +16,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from torchvision.transforms import v2
+from torchvision.transforms.v2.functional import pil_to_tensor
 
 from clipkit.tokenization import tokenize
 from clipkit.zeroshot import DEFAULT_TEMPLATES, RetrievalSet, ZeroShotSet, class_prompts
@@ -25,8 +26,10 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def image_transform(mean=CLIP_MEAN, std=CLIP_STD) -> v2.Compose:
-    return v2.Compose([v2.PILToTensor(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
+def normalize(mean=CLIP_MEAN, std=CLIP_STD) -> v2.Compose:
+    """uint8 ``[..., 3, H, W]`` -> normalised float. Applied once per batch: per image it cost more CPU
+    than drawing the image."""
+    return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)])
 
 
 def shard_of_stream() -> tuple[int, int]:
@@ -42,29 +45,30 @@ class SceneStream(IterableDataset):
     """Endless training stream: reader r of n yields samples r, r + n, r + 2n, ... so no two workers or
     ranks ever produce the same sample, and sample i is the same image and caption in every run."""
 
-    def __init__(self, seed: int, image_size: int, pairs: list[tuple[str, str]], transform: Callable,
-                 supersample: int = 2) -> None:
+    def __init__(self, seed: int, image_size: int, pairs: list[tuple[str, str]], supersample: int = 2,
+                 objects_p: tuple[float, ...] = scenes.OBJECTS_P) -> None:
         self.seed, self.image_size, self.pairs = seed, image_size, pairs
-        self.transform, self.supersample = transform, supersample
+        self.supersample, self.objects_p = supersample, tuple(objects_p)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, str]]:
         index, step = shard_of_stream()
         while True:
             rng = scenes.sample_rng(self.seed, "train", index)
-            scene = scenes.sample_scene(rng, self.pairs)
-            yield self.transform(scenes.render(scene, self.image_size, self.supersample)), scenes.caption(scene, rng)
+            scene = scenes.sample_scene(rng, self.pairs, objects_p=self.objects_p)
+            yield pil_to_tensor(scenes.render(scene, self.image_size, self.supersample)), scenes.caption(scene, rng)
             index += step
 
 
 class Collate:
-    """Stacks images and tokenises captions inside the dataloader workers."""
+    """Stacks and normalises images and tokenises captions, inside the dataloader workers."""
 
-    def __init__(self, tokenizer, context_length: int) -> None:
-        self.tokenizer, self.context_length = tokenizer, context_length
+    def __init__(self, tokenizer, context_length: int, normalize: Callable) -> None:
+        self.tokenizer, self.context_length, self.normalize = tokenizer, context_length, normalize
 
     def __call__(self, samples: list[tuple[torch.Tensor, str]]) -> dict[str, torch.Tensor]:
         images, captions = zip(*samples)
-        return {"images": torch.stack(images), **tokenize(self.tokenizer, list(captions), self.context_length)}
+        return {"images": self.normalize(torch.stack(images)),
+                **tokenize(self.tokenizer, list(captions), self.context_length)}
 
 
 class SyntheticScenesDataModule(L.LightningDataModule):
@@ -78,16 +82,17 @@ class SyntheticScenesDataModule(L.LightningDataModule):
     def __init__(self, tokenizer: Callable, seed: int = 0, image_size: int = 48, batch_size: int = 128,
                  num_workers: int = 1, context_length: int = 32, holdout_pairs: list[list[str]] | None = None,
                  eval_per_class: int = 20, retrieval_size: int = 500, corpus_size: int = 20000,
-                 supersample: int = 2, templates: list[str] | None = None,
+                 supersample: int = 2, objects_p: tuple[float, ...] = scenes.OBJECTS_P,
+                 templates: list[str] | None = None,
                  mean: tuple[float, ...] = CLIP_MEAN, std: tuple[float, ...] = CLIP_STD) -> None:
         super().__init__()
         self.tokenizer_factory = tokenizer
         self.seed, self.image_size, self.batch_size = seed, image_size, batch_size
         self.num_workers, self.context_length = num_workers, context_length
         self.eval_per_class, self.retrieval_size, self.corpus_size = eval_per_class, retrieval_size, corpus_size
-        self.supersample = supersample
+        self.supersample, self.objects_p = supersample, tuple(objects_p)
         self.templates = tuple(templates or DEFAULT_TEMPLATES)
-        self.transform = image_transform(mean, std)
+        self.normalize = normalize(mean, std)
         self.novel_pairs = [tuple(p) for p in (holdout_pairs or [])]
         scenes.check_pairs(self.novel_pairs)
         self.train_pairs = [p for p in scenes.all_pairs() if p not in self.novel_pairs]
@@ -95,23 +100,27 @@ class SyntheticScenesDataModule(L.LightningDataModule):
     @cached_property
     def tokenizer(self):
         rngs = (scenes.sample_rng(self.seed, "train", i) for i in range(self.corpus_size))
-        corpus = (scenes.caption(scenes.sample_scene(rng, self.train_pairs), rng) for rng in rngs)
+        corpus = (scenes.caption(scenes.sample_scene(rng, self.train_pairs, objects_p=self.objects_p), rng)
+                  for rng in rngs)
         return self.tokenizer_factory(captions=corpus, context_length=self.context_length)
 
     def train_dataloader(self) -> DataLoader:
-        stream = SceneStream(self.seed, self.image_size, self.train_pairs, self.transform, self.supersample)
+        stream = SceneStream(self.seed, self.image_size, self.train_pairs, self.supersample, self.objects_p)
         return DataLoader(stream, batch_size=self.batch_size, num_workers=self.num_workers,
-                          collate_fn=Collate(self.tokenizer, self.context_length),
+                          collate_fn=Collate(self.tokenizer, self.context_length, self.normalize),
                           persistent_workers=self.num_workers > 0, prefetch_factor=4 if self.num_workers else None)
+
+    def _render(self, scene: scenes.Scene) -> torch.Tensor:
+        return pil_to_tensor(scenes.render(scene, self.image_size, self.supersample))
 
     def _single_objects(self, split: str, pairs: list[tuple[str, str]]) -> tuple[torch.Tensor, list[tuple[str, str]]]:
         images, shown = [], []
         for i in range(self.eval_per_class * len(pairs)):
             pair = pairs[i % len(pairs)]
             scene = scenes.sample_scene(scenes.sample_rng(self.seed, split, i), [pair], n_objects=1)
-            images.append(self.transform(scenes.render(scene, self.image_size, self.supersample)))
+            images.append(self._render(scene))
             shown.append(pair)
-        return torch.stack(images), shown
+        return self.normalize(torch.stack(images)), shown
 
     def _classification(self, name: str, split: str, shown_pairs, class_pairs) -> ZeroShotSet:
         images, shown = self._single_objects(split, shown_pairs)
@@ -135,12 +144,12 @@ class SyntheticScenesDataModule(L.LightningDataModule):
         images, captions = [], []
         for i in range(self.retrieval_size):
             rng = scenes.sample_rng(self.seed, "retrieval", i)
-            scene = scenes.sample_scene(rng, self.train_pairs)
-            images.append(self.transform(scenes.render(scene, self.image_size, self.supersample)))
+            scene = scenes.sample_scene(rng, self.train_pairs, objects_p=self.objects_p)
+            images.append(self._render(scene))
             captions.append(scenes.caption(scene, rng))
         prompts = {k: v.unsqueeze(1) for k, v in tokenize(self.tokenizer, captions, self.context_length).items()}
         positives = torch.eye(len(captions), dtype=torch.bool)
-        return [RetrievalSet("scenes", torch.stack(images), captions, prompts, positives)]
+        return [RetrievalSet("scenes", self.normalize(torch.stack(images)), captions, prompts, positives)]
 
     def retrieval_sets(self) -> list[RetrievalSet]:
         return self._retrieval_sets

@@ -13,7 +13,7 @@ torch.set_num_threads(2)
 TINY = [
     "data.image_size=32", "data.batch_size=16", "data.num_workers=0", "data.corpus_size=500",
     "data.eval_per_class=2", "data.retrieval_size=16", "data.supersample=1",
-    "model.image.depth=1", "model.image.embed_dim=32", "model.image.num_heads=2",
+    "model.image.depth=1", "+model.image.embed_dim=32", "+model.image.num_heads=2",
     "model.text.config.hidden_size=32", "model.text.config.intermediate_size=64",
     "model.text.config.num_hidden_layers=1", "model.text.config.num_attention_heads=2",
     "objective.embed_dim=16", "module.warmup_steps=1", "trainer.enable_model_summary=false",

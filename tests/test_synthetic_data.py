@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from datamodules import scenes
-from datamodules.synthetic import SceneStream, image_transform
+from datamodules.synthetic import SceneStream
 
 
 def _sample(seed, split, index, pairs=None):
@@ -50,12 +50,12 @@ def test_held_out_pairs_never_appear_in_training(tiny_cfg):
     dm = instantiate(tiny_cfg().data)
     held_out = set(dm.novel_pairs)
     assert len(held_out) == 8
-    stream = iter(SceneStream(0, 32, dm.train_pairs, image_transform(), supersample=1))
+    stream = iter(SceneStream(0, 32, dm.train_pairs, supersample=1))
     rngs = [scenes.sample_rng(0, "train", i) for i in range(2000)]
     drawn = {(o.colour, o.shape) for rng in rngs for o in scenes.sample_scene(rng, dm.train_pairs).objects}
     assert drawn and not drawn & held_out
     image, caption = next(stream)
-    assert image.shape == (3, 32, 32) and isinstance(caption, str)
+    assert image.shape == (3, 32, 32) and image.dtype == torch.uint8 and isinstance(caption, str)
 
 
 def test_held_out_sets(tiny_cfg):
@@ -77,7 +77,7 @@ def test_stream_readers_never_repeat_each_other(monkeypatch):
 
     def captions(reader, readers, n):
         monkeypatch.setattr(synthetic, "shard_of_stream", lambda: (reader, readers))
-        it = iter(SceneStream(0, 16, scenes.all_pairs(), image_transform(), supersample=1))
+        it = iter(SceneStream(0, 16, scenes.all_pairs(), supersample=1))
         return [next(it)[1] for _ in range(n)]
 
     single = captions(0, 1, 8)
