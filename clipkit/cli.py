@@ -171,7 +171,10 @@ def ui_main(args: list[str]) -> int:
     rest = []
     for arg in args:
         if arg.startswith("port="):
-            port = int(arg.split("=", 1)[1])
+            value = arg.split("=", 1)[1]
+            if not value.isdigit():
+                raise UsageError(f"port must be a number, got {value!r}")
+            port = int(value)
         else:
             rest.append(arg)
     cfg = compose_config(rest)

@@ -59,6 +59,7 @@ class ClipKitModule(L.LightningModule):
         self.images_seen += batch["images"].shape[0] * self.trainer.world_size
         self.log("train/loss", loss, prog_bar=True)
         self.log_dict({f"train/{k}": v for k, v in logs.items()})
+        self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
         self.log("images_seen", self.images_seen.float(), prog_bar=True)
         return loss
 

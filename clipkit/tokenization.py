@@ -46,7 +46,7 @@ def train_or_load_bpe(captions: Iterable[str], vocab_size: int, context_length: 
     """Train a BPE on ``captions`` or load the cached one trained on the same captions and settings.
 
     The cache key hashes the corpus itself, so a change to the caption generator never reuses a stale
-    vocabulary. ``context_length`` counts the start and end tokens (the paper's 77 = 76 + 1 ... ).
+    vocabulary. ``context_length`` counts the start and end tokens (the paper uses 77).
     """
     captions = list(captions)
     if not captions:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
@@ -30,7 +30,6 @@ class FitResult:
     experiment_id: str | None = None
     tracking_uri: str | None = None
     checkpoint: str | None = None
-    extra: dict = field(default_factory=dict)
 
 
 def check_vocabulary(tokenizer, module: L.LightningModule) -> None:

@@ -15,4 +15,4 @@ def test_short_run_beats_chance_by_far(tiny_cfg):
     assert result.images_seen == 150 * 64
     assert result.metrics["zeroshot/scenes/top1"] > 5 * chance
     assert result.metrics["zeroshot/scenes/top5"] > 5 * 5 * chance
-    assert result.metrics["retrieval/scenes/image_to_text_r5"] > 5 / 16  # chance on 16 pairs
+    assert result.metrics["retrieval/scenes/image_to_text_r5"] > 2 * 5 / 16  # chance is 5 / 16 on 16 pairs

@@ -77,7 +77,8 @@ def test_finished_run_has_params_tags_metrics_and_config_artifact(tiny_cfg, isol
     history = client.get_metric_history(result.run_id, "zeroshot/scenes/top1")
     assert [m.step for m in history] == [32, 64]
     assert all(0.0 <= m.value <= 1.0 for m in history)
-    assert [m.step for m in client.get_metric_history(result.run_id, "train/loss")] == [16, 32, 48, 64]
+    for name in ("train/loss", "train/lr", "train/logit_scale"):
+        assert [m.step for m in client.get_metric_history(result.run_id, name)] == [16, 32, 48, 64], name
     assert result.images_seen == 64
 
     artifacts = {a.path for a in client.list_artifacts(result.run_id)}
@@ -87,4 +88,5 @@ def test_finished_run_has_params_tags_metrics_and_config_artifact(tiny_cfg, isol
         logged = yaml.safe_load(f)
     assert logged["trainer"]["max_steps"] == 4 and logged["model"]["image"]["img_size"] == 32
     assert any(a.endswith(".json") for a in artifacts)  # the trained tokenizer
+    assert "last/last.ckpt" in {a.path for a in client.list_artifacts(result.run_id, "last")}  # final weights
     assert math.isfinite(result.train_images_per_second)
