@@ -33,5 +33,8 @@ def isolated(tmp_path, monkeypatch):
 def tiny_cfg(tmp_path):
     """Compose the real config (the CLI's path) with the tiny overrides plus any given ones."""
     def make(*overrides: str):
-        return compose_config([*TINY, f"paths.output_dir={tmp_path}/out", *overrides])
+        # absolute store path: MLflow caches one engine per URI string, so a relative one would follow
+        # the first test's directory
+        return compose_config([*TINY, f"paths.output_dir={tmp_path}/out",
+                               f"logger.tracking_uri=sqlite:///{tmp_path}/mlflow.db", *overrides])
     return make

@@ -64,7 +64,7 @@ def test_finished_run_has_params_tags_metrics_and_config_artifact(tiny_cfg, isol
     cfg = tiny_cfg("trainer.max_steps=4", "experiment_name=test_record")
     result = fit(cfg, preset="contrastive_vit")
 
-    client = mlflow.MlflowClient(tracking_uri="sqlite:///mlflow.db")
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{isolated}/mlflow.db")
     run = client.get_run(result.run_id)
     params, tags = run.data.params, run.data.tags
     assert params["trainer/max_steps"] == "4" and params["data/image_size"] == "32"

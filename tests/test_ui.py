@@ -21,7 +21,7 @@ def _free_port() -> int:
 
 @pytest.mark.slow
 def test_ui_serves_the_store_and_prints_the_runs_table_address(isolated):
-    client = mlflow.MlflowClient(tracking_uri="sqlite:///mlflow.db")
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{isolated}/mlflow.db")  # what the ui serves, from isolated
     experiment_id = client.create_experiment("clipkit")
     port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "clipkit", "ui", f"port={port}"], stdout=subprocess.PIPE,
