@@ -11,7 +11,6 @@ import difflib
 import logging
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import hydra
@@ -187,7 +186,6 @@ def ui_main(args: list[str]) -> int:
     server = subprocess.Popen(cmd)
     where = runs_url("127.0.0.1", port, experiment.experiment_id) if experiment else f"http://127.0.0.1:{port}"
     note = "" if experiment else f" (no experiment {name!r} in {uri} yet)"
-    time.sleep(1)
     print(f"MLflow UI for {uri}: {where}{note}  (ready in ~15 s; Ctrl-C stops it)", flush=True)
     try:
         return server.wait()

@@ -39,6 +39,12 @@ def test_mistyped_key_inside_a_multirun_sweep_is_caught_before_any_job(capsys):
     assert "unknown config key 'module.optimizer.lrr'" in capsys.readouterr().err
 
 
+def test_fit_help_is_hydras_with_presets_explained():
+    proc = run_cli("fit", "--help")
+    assert proc.returncode == 0, proc.stderr
+    assert "experiments=NAME" in proc.stdout and "model/image: vit_tiny, vit_tiny_hybrid" in proc.stdout
+
+
 def test_cfg_job_prints_the_composed_preset():
     proc = run_cli("fit", "experiments=contrastive_vit", "trainer.max_steps=7", "--cfg", "job")
     assert proc.returncode == 0, proc.stderr
