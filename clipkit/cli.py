@@ -58,7 +58,7 @@ def _single_job(overrides: list[str]) -> list[str]:
     """First value of each sweep (``a=1,2`` -> ``a=1``), so a multirun's first job can be checked."""
     parsed = OverridesParser.create().parse_overrides(overrides)
     out = []
-    for override, text in zip(parsed, overrides):
+    for override, text in zip(parsed, overrides, strict=True):
         if override.is_sweep_override():
             value = next(iter(override.sweep_string_iterator()))
             out.append(f"{override.get_key_element()}={value}")

@@ -66,7 +66,7 @@ class Collate:
         self.tokenizer, self.context_length, self.normalize = tokenizer, context_length, normalize
 
     def __call__(self, samples: list[tuple[torch.Tensor, str]]) -> dict[str, torch.Tensor]:
-        images, captions = zip(*samples)
+        images, captions = zip(*samples, strict=True)
         return {"images": self.normalize(torch.stack(images)),
                 **tokenize(self.tokenizer, list(captions), self.context_length)}
 

@@ -23,7 +23,7 @@ def test_loss_and_gradients_equal_open_clip(batch, dim, scale):
     theirs_grads = torch.autograd.grad(theirs, (image, text))
 
     assert abs(ours.item() - theirs.item()) < 1e-6
-    for a, b in zip(ours_grads, theirs_grads):
+    for a, b in zip(ours_grads, theirs_grads, strict=True):
         assert torch.allclose(a, b, atol=1e-6)
 
 

@@ -57,7 +57,7 @@ def test_warmup_then_cosine_to_zero():
     assert lrs[0] < 0.01 and lrs[5] == pytest.approx(0.5, abs=0.01)  # linear warm-up
     assert lrs[10] == pytest.approx(1.0)  # peak
     assert lrs[60] == pytest.approx(0.5, abs=0.01)  # half-way down the cosine
-    assert lrs[-1] < 0.001 and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[-1] < 0.001 and all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
 
 
 def test_finished_run_has_params_tags_metrics_and_config_artifact(tiny_cfg, isolated):
