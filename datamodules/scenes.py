@@ -107,6 +107,15 @@ def sample_scene(rng: np.random.Generator, pairs: list[tuple[str, str]], n_objec
     return Scene(background, gradient, tuple(objects))
 
 
+def captioned_scene(seed: int, split: str, index: int, pairs: list[tuple[str, str]],
+                    objects_p: tuple[float, ...] = OBJECTS_P) -> tuple[Scene, str]:
+    """Sample ``index`` of a split: its scene and its caption, drawn from one generator in that order.
+    The training stream, the tokenizer's corpus and the retrieval set all read samples through here."""
+    rng = sample_rng(seed, split, index)
+    scene = sample_scene(rng, pairs, objects_p=objects_p)
+    return scene, caption(scene, rng)
+
+
 def _polygon(cx: float, cy: float, r: float, points: list[tuple[float, float]]) -> list[tuple[float, float]]:
     return [(cx + r * px, cy + r * py) for px, py in points]
 

@@ -53,9 +53,8 @@ class SceneStream(IterableDataset):
     def __iter__(self) -> Iterator[tuple[torch.Tensor, str]]:
         index, step = shard_of_stream()
         while True:
-            rng = scenes.sample_rng(self.seed, "train", index)
-            scene = scenes.sample_scene(rng, self.pairs, objects_p=self.objects_p)
-            yield pil_to_tensor(scenes.render(scene, self.image_size, self.supersample)), scenes.caption(scene, rng)
+            scene, text = scenes.captioned_scene(self.seed, "train", index, self.pairs, self.objects_p)
+            yield pil_to_tensor(scenes.render(scene, self.image_size, self.supersample)), text
             index += step
 
 
@@ -97,12 +96,15 @@ class SyntheticScenesDataModule(L.LightningDataModule):
         scenes.check_pairs(self.novel_pairs)
         self.train_pairs = [p for p in scenes.all_pairs() if p not in self.novel_pairs]
 
+    def train_captions(self, n: int) -> Iterator[str]:
+        """The first ``n`` captions of the training stream (the tokenizer's corpus), without drawing images."""
+        for i in range(n):
+            yield scenes.captioned_scene(self.seed, "train", i, self.train_pairs, self.objects_p)[1]
+
     @cached_property
     def tokenizer(self):
-        rngs = (scenes.sample_rng(self.seed, "train", i) for i in range(self.corpus_size))
-        corpus = (scenes.caption(scenes.sample_scene(rng, self.train_pairs, objects_p=self.objects_p), rng)
-                  for rng in rngs)
-        return self.tokenizer_factory(captions=corpus, context_length=self.context_length)
+        return self.tokenizer_factory(captions=self.train_captions(self.corpus_size),
+                                      context_length=self.context_length)
 
     def train_dataloader(self) -> DataLoader:
         stream = SceneStream(self.seed, self.image_size, self.train_pairs, self.supersample, self.objects_p)
@@ -143,10 +145,9 @@ class SyntheticScenesDataModule(L.LightningDataModule):
     def _retrieval_sets(self) -> list[RetrievalSet]:
         images, captions = [], []
         for i in range(self.retrieval_size):
-            rng = scenes.sample_rng(self.seed, "retrieval", i)
-            scene = scenes.sample_scene(rng, self.train_pairs, objects_p=self.objects_p)
+            scene, text = scenes.captioned_scene(self.seed, "retrieval", i, self.train_pairs, self.objects_p)
             images.append(self._render(scene))
-            captions.append(scenes.caption(scene, rng))
+            captions.append(text)
         prompts = {k: v.unsqueeze(1) for k, v in tokenize(self.tokenizer, captions, self.context_length).items()}
         positives = torch.eye(len(captions), dtype=torch.bool)
         return [RetrievalSet("scenes", self.normalize(torch.stack(images)), captions, prompts, positives)]
