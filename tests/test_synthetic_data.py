@@ -61,9 +61,10 @@ def test_held_out_pairs_never_appear_in_training(tiny_cfg):
 def test_tokenizer_corpus_is_the_training_streams_captions(tiny_cfg):
     from hydra.utils import instantiate
 
-    dm = instantiate(tiny_cfg("data.objects_p=[0.2,0.3,0.5]").data)  # not the default: a copy that
+    # a non-default objects_p: a sampling path that forgot it would produce other captions
+    dm = instantiate(tiny_cfg("data.objects_p=[0.2,0.3,0.5]").data)
     stream = iter(SceneStream(dm.seed, 16, dm.train_pairs, supersample=1, objects_p=dm.objects_p))
-    assert list(dm.train_captions(20)) == [next(stream)[1] for _ in range(20)]  # forgot it would differ
+    assert list(dm.train_captions(20)) == [next(stream)[1] for _ in range(20)]
 
 
 def test_held_out_sets(tiny_cfg):
