@@ -1,4 +1,4 @@
-"""Command line: ``python -m clipkit {fit,ui} [Hydra overrides]``.
+"""Command line: ``python -m clipkit {fit,data,ui} ...``.
 
 ``fit`` is a plain ``@hydra.main`` app (so ``--cfg job``, ``--help`` and ``-m`` work as Hydra documents);
 before handing over, the overrides are composed once here so a mistyped preset or key fails in one
@@ -20,6 +20,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import ConfigCompositionException, HydraException, InstantiationException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 
+from clipkit.errors import DataError
 from clipkit.tracking import REPO_ROOT, runs_url
 
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")
@@ -31,6 +32,9 @@ USAGE = """usage: python -m clipkit COMMAND [hydra overrides]
 commands:
   fit   train a model: python -m clipkit fit experiments=contrastive_vit [key=value ...]
         Hydra's own flags work: --cfg job (print the config), -m (multirun grid), --help
+  data  write the embedded dataset to disk, or look at a dataset:
+          python -m clipkit data synth --out DIR --format wds|csv --samples N
+          python -m clipkit data inspect PATH   (shards, CSV/TSV or image folder; writes a contact sheet)
   ui    start the MLflow UI on 127.0.0.1 for the run store: python -m clipkit ui [port=5000]
 """
 
@@ -118,7 +122,11 @@ def preflight(args: list[str]) -> None:
     try:
         first_job = _single_job(overrides)
     except HydraException as err:
-        raise UsageError(str(err).splitlines()[0]) from None
+        hint = ""
+        if any("{" in o and "'" not in o and '"' not in o for o in overrides):
+            hint = (" (a value with braces must be quoted for Hydra, inside shell quotes: "
+                    "\"data.shards='/data/{00000..00331}.tar'\")")
+        raise UsageError(str(err).splitlines()[0] + hint) from None
     compose_config(first_job)
 
 
@@ -136,8 +144,12 @@ def _fit_task(cfg: DictConfig) -> None:
         result = fit(cfg, preset=choices.get("experiments"))
     except InstantiationException as err:
         cause = _root_cause(err)
+        if isinstance(cause, DataError):
+            raise SystemExit(f"clipkit: error: {cause}") from None
         # A bad config value (unknown backbone, bad pooling...) is a usage error, not a crash.
         raise SystemExit(f"clipkit: error: {type(cause).__name__}: {cause}") from None
+    except DataError as err:
+        raise SystemExit(f"clipkit: error: {err}") from None
     print_summary(result)
 
 
@@ -194,7 +206,13 @@ def ui_main(args: list[str]) -> int:
         return 0
 
 
-COMMANDS = {"fit": fit_main, "ui": ui_main}
+def data_main(args: list[str]) -> int:
+    from clipkit.datatools import data_main as run
+
+    return run(args)
+
+
+COMMANDS = {"fit": fit_main, "data": data_main, "ui": ui_main}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,3 +228,6 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as err:
         print(f"clipkit: error: {err}", file=sys.stderr)
         return 2
+    except DataError as err:
+        print(f"clipkit: error: {err}", file=sys.stderr)
+        return 1

@@ -12,7 +12,7 @@ torch.set_num_threads(2)
 # A model and data small enough that a few optimiser steps take well under a second on 2 cores.
 TINY = [
     "data.image_size=32", "data.batch_size=16", "data.num_workers=0", "data.corpus_size=500",
-    "data.eval_per_class=2", "data.retrieval_size=16", "data.supersample=1",
+    "data.eval_per_class=2", "data.retrieval_size=16",
     "model.image.depth=1", "+model.image.embed_dim=32", "+model.image.num_heads=2",
     "model.text.config.hidden_size=32", "model.text.config.intermediate_size=64",
     "model.text.config.num_hidden_layers=1", "model.text.config.num_attention_heads=2",
@@ -35,6 +35,7 @@ def tiny_cfg(tmp_path):
     def make(*overrides: str):
         # absolute store path: MLflow caches one engine per URI string, so a relative one would follow
         # the first test's directory
-        return compose_config([*TINY, f"paths.output_dir={tmp_path}/out",
+        synthetic = not any(o.startswith("data=") for o in overrides)
+        return compose_config([*TINY, *(["data.supersample=1"] if synthetic else []), f"paths.output_dir={tmp_path}/out",
                                f"logger.tracking_uri=sqlite:///{tmp_path}/mlflow.db", *overrides])
     return make

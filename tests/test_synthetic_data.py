@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from datamodules import scenes
-from datamodules.synthetic import SceneStream
+from datamodules.stream import BatchStream
 
 
 def _sample(seed, split, index, pairs=None):
@@ -50,12 +50,18 @@ def test_held_out_pairs_never_appear_in_training(tiny_cfg):
     dm = instantiate(tiny_cfg().data)
     held_out = set(dm.novel_pairs)
     assert len(held_out) == 8
-    stream = iter(SceneStream(0, 32, dm.train_pairs, supersample=1))
     rngs = [scenes.sample_rng(0, "train", i) for i in range(2000)]
     drawn = {(o.colour, o.shape) for rng in rngs for o in scenes.sample_scene(rng, dm.train_pairs).objects}
     assert drawn and not drawn & held_out
-    image, caption = next(stream)
-    assert image.shape == (3, 32, 32) and image.dtype == torch.uint8 and isinstance(caption, str)
+    assert dm.source().pairs == dm.train_pairs
+
+
+def _stream_captions(dm, n, reader=0, readers=1):
+    """Captions of the training stream as reader ``reader`` of ``readers`` sees them."""
+    stream = BatchStream(dm.source(), 1, lambda im: im, lambda ims, caps: {"captions": caps},
+                         shuffle=False, rank=reader, world=readers)
+    batches = iter(stream)
+    return [next(batches)["captions"][0] for _ in range(n)]
 
 
 def test_tokenizer_corpus_is_the_training_streams_captions(tiny_cfg):
@@ -63,8 +69,7 @@ def test_tokenizer_corpus_is_the_training_streams_captions(tiny_cfg):
 
     # a non-default objects_p: a sampling path that forgot it would produce other captions
     dm = instantiate(tiny_cfg("data.objects_p=[0.2,0.3,0.5]").data)
-    stream = iter(SceneStream(dm.seed, 16, dm.train_pairs, supersample=1, objects_p=dm.objects_p))
-    assert list(dm.train_captions(20)) == [next(stream)[1] for _ in range(20)]
+    assert list(dm.train_captions(20)) == _stream_captions(dm, 20)
 
 
 def test_held_out_sets(tiny_cfg):
@@ -80,17 +85,25 @@ def test_held_out_sets(tiny_cfg):
     assert retrieval.positives.shape == (16, 16) and retrieval.prompts["input_ids"].shape[:2] == (16, 1)
 
 
-def test_stream_readers_never_repeat_each_other(monkeypatch):
-    """Reader r of n yields indices r, r+n, ...: two workers together equal one reader."""
-    import datamodules.synthetic as synthetic
+def test_stream_readers_never_repeat_each_other(tiny_cfg):
+    """Reader r of n yields samples r, r+n, ...: two readers together equal one."""
+    from hydra.utils import instantiate
 
-    def captions(reader, readers, n):
-        monkeypatch.setattr(synthetic, "shard_of_stream", lambda: (reader, readers))
-        it = iter(SceneStream(0, 16, scenes.all_pairs(), supersample=1))
-        return [next(it)[1] for _ in range(n)]
+    dm = instantiate(tiny_cfg().data)
+    single = _stream_captions(dm, 8)
+    assert _stream_captions(dm, 4, 0, 2) == single[0::2] and _stream_captions(dm, 4, 1, 2) == single[1::2]
 
-    single = captions(0, 1, 8)
-    assert captions(0, 2, 4) == single[0::2] and captions(1, 2, 4) == single[1::2]
+
+def test_stream_images_are_the_rendered_scenes(tiny_cfg):
+    """The shared pipeline (decode, resize, crop) leaves a generated image exactly as drawn."""
+    from hydra.utils import instantiate
+    from torchvision.transforms.v2.functional import pil_to_tensor
+
+    dm = instantiate(tiny_cfg().data)
+    batch = next(iter(dm.train_dataloader()))
+    scene, _ = scenes.captioned_scene(dm.seed, "train", 3, dm.train_pairs, dm.objects_p)
+    drawn = dm.normalize(pil_to_tensor(scenes.render(scene, dm.image_size, dm.supersample)))
+    assert torch.equal(batch["images"][3], drawn) and batch["keys"][3] == "synthetic 3"
 
 
 def test_unknown_holdout_colour_is_a_one_line_error():

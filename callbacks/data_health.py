@@ -1,0 +1,93 @@
+"""Counts skipped and repaired samples, warns once per kind, logs them, and stops a run whose data is bad.
+
+Batches from :mod:`datamodules.stream` carry ``data_stats`` (counts since the reader's previous batch);
+this callback takes them out of the batch before the objective sees it.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+import lightning as L
+
+from clipkit.errors import DataError
+from datamodules.decode import REPAIR_KINDS, SKIP_KINDS
+
+log = logging.getLogger(__name__)
+
+
+class DataHealth(L.Callback):
+    """``max_skip_ratio``: fraction of skipped samples (of all read) that stops the run, checked once
+    ``min_samples`` have been read, with an error naming the worst shards. Metrics, against images seen:
+    ``data/skipped/<kind>``, ``data/repaired/<kind>`` (cumulative, per process) and ``data/skip_ratio``."""
+
+    def __init__(self, max_skip_ratio: float = 0.05, min_samples: int = 1000, log_every_n_steps: int = 50) -> None:
+        self.max_skip_ratio, self.min_samples, self.log_every_n_steps = max_skip_ratio, min_samples, log_every_n_steps
+        self.good, self.skipped, self.repaired, self.bad_shards = 0, Counter(), Counter(), Counter()
+        self.warned: set[str] = set()
+        self._dirty = False
+
+    @property
+    def read(self) -> int:
+        return self.good + sum(self.skipped.values())
+
+    def update(self, stats: dict) -> None:
+        self.good += stats["samples"]
+        self.skipped.update(stats["skipped"])
+        self.repaired.update(stats["repaired"])
+        self.bad_shards.update(stats["bad_shards"])
+        self._dirty |= bool(stats["skipped"] or stats["repaired"])
+        for kind, example in stats["examples"].items():
+            if kind not in self.warned:
+                self.warned.add(kind)
+                log.warning("data: skipping %s samples (%s), e.g. %s; further ones are counted as "
+                            "data/skipped/%s, not reported", kind, SKIP_KINDS[kind], example, kind)
+        for kind in stats["repaired"]:
+            if kind not in self.warned:
+                self.warned.add(kind)
+                log.warning("data: repairing %s images (%s); counted as data/repaired/%s", kind, REPAIR_KINDS[kind], kind)
+
+    def check(self) -> None:
+        skipped = sum(self.skipped.values())
+        if self.read < self.min_samples or skipped <= self.max_skip_ratio * self.read:
+            return
+        worst = ", ".join(f"{shard} ({n} bad)" for shard, n in self.bad_shards.most_common(3))
+        kinds = ", ".join(f"{k} {n}" for k, n in self.skipped.most_common())
+        raise DataError(f"skipped {skipped} of {self.read} samples ({skipped / self.read:.1%}, more than "
+                        f"callbacks.data_health.max_skip_ratio={self.max_skip_ratio:g}): {kinds}; "
+                        f"worst shards: {worst}. Fix or drop those shards, or raise the ratio")
+
+    def metrics(self) -> dict[str, float]:
+        out = {f"data/skipped/{k}": float(n) for k, n in self.skipped.items()}
+        out.update({f"data/repaired/{k}": float(n) for k, n in self.repaired.items()})
+        out["data/skip_ratio"] = sum(self.skipped.values()) / max(self.read, 1)
+        return out
+
+    def _log(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        seen = int(getattr(pl_module, "images_seen", trainer.global_step))
+        for logger in trainer.loggers:
+            logger.log_metrics({**self.metrics(), "images_seen": seen}, step=seen)
+        self._dirty = False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        stats = batch.pop("data_stats", None) if isinstance(batch, dict) else None
+        if stats is None:
+            return
+        self.update(stats)
+        self.check()
+        if self._dirty and (trainer.global_step % self.log_every_n_steps == 0):
+            self._log(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.read:
+            self._log(trainer, pl_module)
+
+    def state_dict(self) -> dict:
+        return {"good": self.good, "skipped": dict(self.skipped), "repaired": dict(self.repaired),
+                "bad_shards": dict(self.bad_shards)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.good = state["good"]
+        self.skipped, self.repaired = Counter(state["skipped"]), Counter(state["repaired"])
+        self.bad_shards = Counter(state["bad_shards"])

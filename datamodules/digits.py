@@ -1,0 +1,86 @@
+"""scikit-learn's bundled handwritten digits (1,797 real 8×8 scans, UCI), captioned: a second embedded
+dataset, tiny and real, with a stratified zero-shot split that training never sees."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from functools import partial
+
+import numpy as np
+import torch
+from PIL import Image
+
+from clipkit.zeroshot import ZeroShotSet, class_prompts
+from datamodules.base import CaptionDataModule
+from datamodules.stream import Record
+
+WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+# How a scan might be described; {w} is the digit's word, {n} its numeral.
+CAPTIONS = ["a handwritten {w}", "the digit {n}", "handwritten digit {w}", "a scanned {w} written by hand",
+            "the number {w}", "number {n}, handwritten", "a {w} written with a pen", "scan of a handwritten {n}"]
+TEMPLATES = ("a handwritten {}.", "the number {}.", "the digit {}.", "a scan of a handwritten {}.")
+
+
+def load_digits_images() -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 images ``[N, 8, 8]``, dark ink on white, labels ``[N]``) from the copy shipped in scikit-learn."""
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    ink = digits.images / 16.0  # 0..16 ink density
+    return np.round(255 * (1 - ink)).astype(np.uint8), digits.target.astype(np.int64)
+
+
+def zeroshot_split(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask of held-out samples: ``fraction`` of each class, chosen by ``seed``."""
+    rng, held = np.random.default_rng(seed), np.zeros(len(labels), dtype=bool)
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        held[idx[: round(fraction * len(idx))]] = True
+    return held
+
+
+def _rgb(pixels: np.ndarray) -> Image.Image:
+    return Image.fromarray(pixels, mode="L").convert("RGB")
+
+
+class DigitsSource:
+    """The training digits as one shard; each caption is drawn from :data:`CAPTIONS` by the sample's index."""
+
+    SHARD = "digits"
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, indices: np.ndarray) -> None:
+        self.images, self.labels, self.indices = images, labels, indices
+
+    def shards(self) -> list[str]:
+        return [self.SHARD]
+
+    def records(self, shard: str, seed: str | None = None) -> Iterator[Record]:
+        order = [int(i) for i in self.indices]
+        if seed is not None:
+            random.Random(seed).shuffle(order)
+        for i in order:
+            label = int(self.labels[i])
+            text = CAPTIONS[i % len(CAPTIONS)].format(w=WORDS[label], n=label)
+            yield Record(shard, str(i), partial(_rgb, self.images[i]), text)
+
+
+class DigitsDataModule(CaptionDataModule):
+    """Captioned handwritten digits: ``1 - zeroshot_fraction`` of them for training (one epoch is one pass
+    over those, reshuffled), the rest as the ``digits`` zero-shot set over the ten digit words."""
+
+    def __init__(self, tokenizer, seed: int = 0, zeroshot_fraction: float = 0.2, **common) -> None:
+        self.images, self.labels = load_digits_images()
+        self.held_out = zeroshot_split(self.labels, zeroshot_fraction, seed)
+        self._source = DigitsSource(self.images, self.labels, np.flatnonzero(~self.held_out))
+        common["templates"] = common.get("templates") or list(TEMPLATES)
+        super().__init__(tokenizer, seed=seed, **common)
+
+    def source(self) -> DigitsSource:
+        return self._source
+
+    def own_zeroshot_sets(self) -> list[ZeroShotSet]:
+        transform, held = self.eval_transform(), np.flatnonzero(self.held_out)
+        images = torch.stack([transform(_rgb(self.images[i])) for i in held])
+        prompts = class_prompts(self.tokenizer, WORDS, self.templates, self.context_length)
+        return [ZeroShotSet("digits", self.normalize(images), torch.as_tensor(self.labels[held]), WORDS, prompts)]

@@ -1,0 +1,239 @@
+"""One training pipeline for every source: records -> split across readers -> shuffle -> decode ->
+transform -> batch + tokenise, all inside the dataloader workers.
+
+A *source* (WebDataset shards, CSV blocks, digits, generated scenes) only says which shards it has and
+which records a shard holds. Everything else is here, so the embedded data and a user's shards run
+through the same code:
+
+* **Splitting.** A reader is one dataloader worker of one rank (``readers = world × workers``). With at
+  least as many shards as readers, reader r takes shards r, r+n, ...; with fewer, readers share a shard
+  and each keeps every c-th record of it. Either way every record goes to exactly one reader per pass,
+  and no reader is left without data. (webdataset's ``split_by_worker`` leaves readers empty instead.)
+* **Epochs.** Without ``samples_per_epoch`` an epoch is one exact pass. With it, every rank yields the
+  same number of full batches (``samples_per_epoch // (world × batch_size)``), cycling its share
+  (reshuffled) if it runs out: what DDP needs, since a rank that stops early hangs the others.
+  ``resampled`` draws shards with replacement instead: an endless stream, cut by ``samples_per_epoch``.
+* **Bad samples** are skipped or repaired (:mod:`datamodules.decode`) and counted; each batch carries
+  the counts since the previous one as ``batch["data_stats"]`` for :class:`callbacks.data_health.DataHealth`.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Protocol
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from clipkit.tokenization import tokenize
+from datamodules.decode import BadSample, decode_caption, decode_image
+
+
+class Record(NamedTuple):
+    """One stored sample. ``image``: bytes, a path, a PIL image or a zero-argument function making one
+    (so generated images are only drawn by the reader that keeps them). ``caption``: bytes, str or None."""
+
+    shard: str
+    key: str
+    image: Any
+    caption: Any
+
+
+class Source(Protocol):
+    """Where records come from. ``records`` yields a shard's records in a fixed order (or, given a
+    ``seed`` string, a permutation all readers agree on), and raises :class:`BadSample` (kind
+    ``unreadable_shard``) partway if the shard is damaged."""
+
+    def shards(self) -> list[str]: ...
+
+    def records(self, shard: str, seed: str | None) -> Iterator[Record]: ...
+
+
+def assignment(num_shards: int, reader: int, readers: int) -> list[tuple[int, int, int]]:
+    """Reader ``reader``'s share of one pass: ``(shard position, keep every c-th record, offset)``."""
+    if num_shards >= readers:
+        return [(s, 1, 0) for s in range(reader, num_shards, readers)]
+    shard = reader % num_shards
+    sharing = len(range(shard, readers, num_shards))
+    return [(shard, sharing, reader // num_shards)]
+
+
+def shuffled(records: Iterator[Record], size: int, rng: random.Random) -> Iterator[Record]:
+    """Shuffle within a buffer of ``size`` records (webdataset's approach for streams larger than memory)."""
+    buffer: list[Record] = []
+    for record in records:
+        buffer.append(record)
+        if len(buffer) >= size:
+            i = rng.randrange(len(buffer))
+            buffer[i], buffer[-1] = buffer[-1], buffer[i]
+            yield buffer.pop()
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+@dataclass
+class Tally:
+    """Counts since the last batch; ``take()`` hands them over and starts again."""
+
+    samples: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    repaired: Counter = field(default_factory=Counter)
+    bad_shards: Counter = field(default_factory=Counter)
+    examples: dict = field(default_factory=dict)
+
+    def skip(self, kind: str, record: Record) -> None:
+        self.skipped[kind] += 1
+        self.bad_shards[record.shard] += 1
+        self.examples.setdefault(kind, f"{record.shard} {record.key}")
+
+    def take(self) -> dict:
+        out = {"samples": self.samples, "skipped": dict(self.skipped), "repaired": dict(self.repaired),
+               "bad_shards": dict(self.bad_shards), "examples": dict(self.examples)}
+        self.__init__()
+        return out
+
+
+def decode_record(record: Record, max_pixels: int, decode_size: int | None):
+    """-> (RGB image, repair kind or None, caption); raises :class:`BadSample`."""
+    if isinstance(record.image, BadSample):
+        raise record.image
+    if record.image is None:
+        raise BadSample("missing_image")
+    caption = decode_caption(record.caption)
+    payload = record.image() if callable(record.image) else record.image
+    image, repaired = decode_image(payload, max_pixels, decode_size)
+    return image, repaired, caption
+
+
+class Collate:
+    """Stacks and normalises images and tokenises captions (in the worker, so the training process only
+    trains)."""
+
+    def __init__(self, tokenizer, context_length: int, normalize: Callable) -> None:
+        self.tokenizer, self.context_length, self.normalize = tokenizer, context_length, normalize
+
+    def __call__(self, images: list[torch.Tensor], captions: list[str]) -> dict[str, torch.Tensor]:
+        return {"images": self.normalize(torch.stack(images)),
+                **tokenize(self.tokenizer, captions, self.context_length)}
+
+
+class BatchStream(IterableDataset):
+    """Batches from a :class:`Source`, split across ``world`` ranks × dataloader workers (see module doc).
+
+    Yields dicts with ``images [B,3,S,S]``, ``input_ids``/``attention_mask [B,L]``, ``keys`` (where each
+    sample came from) and ``data_stats``. Use with ``DataLoader(batch_size=None)``.
+    """
+
+    def __init__(self, source: Source, batch_size: int, transform: Callable, collate: Collate, seed: int = 0,
+                 shuffle: bool = True, shuffle_buffer: int = 0, resampled: bool = False,
+                 samples_per_epoch: int | None = None, max_image_pixels: int = 50_000_000,
+                 decode_size: int | None = None, rank: int = 0, world: int = 1) -> None:
+        self.source, self.batch_size, self.transform, self.collate = source, batch_size, transform, collate
+        self.seed, self.shuffle, self.shuffle_buffer = seed, shuffle, shuffle_buffer
+        self.resampled, self.samples_per_epoch, self.max_image_pixels = resampled, samples_per_epoch, max_image_pixels
+        self.rank, self.world = rank, world
+        self.epoch = 0
+        self.decode_size = decode_size  # JPEGs are decoded at the smallest scale that covers it
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _batches_per_worker(self, worker: int, workers: int) -> int | None:
+        if self.samples_per_epoch is None:
+            return None
+        per_rank = max(1, self.samples_per_epoch // (self.world * self.batch_size))
+        return per_rank // workers + (worker < per_rank % workers)
+
+    def _pass(self, reader: int, readers: int, number: int) -> Iterator[Record]:
+        """One pass over this reader's share (``number`` reseeds the shuffles of repeated passes)."""
+        shards = self.source.shards()
+        order = list(range(len(shards)))
+        if self.shuffle:
+            random.Random(f"{self.seed}/{self.epoch}/{number}").shuffle(order)
+        for position, every, offset in assignment(len(shards), reader, readers):
+            shard = shards[order[position]]
+            shard_seed = f"{self.seed}/{self.epoch}/{number}/{shard}" if self.shuffle else None
+            for i, record in enumerate(self._guarded(shard, shard_seed)):
+                if i % every == offset:
+                    yield record
+
+    def _resampled(self, reader: int) -> Iterator[Record]:
+        shards, rng = self.source.shards(), random.Random(f"{self.seed}/{self.epoch}/{reader}/resampled")
+        for number in range(1 << 62):
+            yield from self._guarded(rng.choice(shards), f"{self.seed}/{self.epoch}/{reader}/{number}")
+
+    def _guarded(self, shard: str, seed: str | None) -> Iterator[Record]:
+        """A damaged shard loses its remaining records, counted, and the stream goes on."""
+        try:
+            yield from self.source.records(shard, seed)
+        except BadSample as bad:
+            yield Record(shard, "", bad, None)
+
+    def _records(self, reader: int, readers: int, cycle: bool) -> Iterator[Record]:
+        if self.resampled:
+            yield from self._resampled(reader)
+            return
+        number = 0
+        while True:
+            yield from self._pass(reader, readers, number)
+            number += 1
+            if not cycle:
+                return
+
+    def _decoded(self, records: Iterator[Record], tally: Tally) -> Iterator[tuple[str, torch.Tensor, str]]:
+        for record in records:
+            try:
+                image, repaired, caption = decode_record(record, self.max_image_pixels, self.decode_size)
+            except BadSample as bad:
+                tally.skip(bad.kind, record)
+                continue
+            if repaired:
+                tally.repaired[repaired] += 1
+            tally.samples += 1
+            yield f"{record.shard} {record.key}", self.transform(image), caption
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        reader, readers = self.rank * workers + worker, self.world * workers
+        quota = self._batches_per_worker(worker, workers)
+        if quota == 0:
+            return
+        records = self._records(reader, readers, cycle=quota is not None)
+        if self.shuffle and self.shuffle_buffer > 1:
+            records = shuffled(records, self.shuffle_buffer, random.Random(f"{self.seed}/{self.epoch}/{reader}"))
+        tally, batch, made = Tally(), [], 0
+        for sample in self._decoded(records, tally):
+            batch.append(sample)
+            if len(batch) == self.batch_size:
+                yield self._collate(batch, tally)
+                batch, made = [], made + 1
+                if quota is not None and made == quota:
+                    return
+        if batch:
+            yield self._collate(batch, tally)
+
+    def _collate(self, batch: list, tally: Tally) -> dict:
+        keys, images, captions = map(list, zip(*batch, strict=True))
+        return {**self.collate(images, captions), "keys": keys, "data_stats": tally.take()}
+
+
+class EpochDataLoader(DataLoader):
+    """A DataLoader that tells its :class:`BatchStream` which epoch starts, so every epoch reshuffles.
+
+    Lightning only calls ``set_epoch`` on samplers, and an iterable dataset has none. Workers are not
+    persistent, so each epoch's workers receive the new epoch with their copy of the dataset.
+    """
+
+    def __init__(self, stream: BatchStream, num_workers: int = 0, **kwargs) -> None:
+        super().__init__(stream, batch_size=None, num_workers=num_workers, persistent_workers=False,
+                         prefetch_factor=4 if num_workers else None, **kwargs)
+        self._epochs_started = 0
+
+    def __iter__(self):
+        self.dataset.set_epoch(self._epochs_started)
+        self._epochs_started += 1
+        return super().__iter__()
