@@ -41,6 +41,7 @@ def _write_wds(directory: Path, samples, fmt: str, shard_size: int, total: int) 
 
 def _write_csv(table: Path, samples, fmt: str, total: int) -> None:
     images = table.parent / f"{table.stem}_images"
+    table.parent.mkdir(parents=True, exist_ok=True)
     with table.open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, delimiter="\t")
         writer.writerow(["filepath", "title"])

@@ -23,13 +23,18 @@ import random
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any, NamedTuple, Protocol
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from clipkit.errors import DataError
 from clipkit.tokenization import tokenize
 from datamodules.decode import BadSample, decode_caption, decode_image
+
+
+MAX_BAD_IN_A_ROW = 10_000
 
 
 class Record(NamedTuple):
@@ -184,12 +189,18 @@ class BatchStream(IterableDataset):
                 return
 
     def _decoded(self, records: Iterator[Record], tally: Tally) -> Iterator[tuple[str, torch.Tensor, str]]:
+        in_a_row = 0
         for record in records:
             try:
                 image, repaired, caption = decode_record(record, self.max_image_pixels, self.decode_size)
             except BadSample as bad:
                 tally.skip(bad.kind, record)
+                in_a_row += 1
+                if in_a_row == MAX_BAD_IN_A_ROW:  # a reader whose share is all bad would spin forever
+                    raise DataError(f"{in_a_row:,} bad samples in a row (last: {record.shard} {record.key}, "
+                                    f"{bad.kind}): this reader's shards hold no usable data") from None
                 continue
+            in_a_row = 0
             if repaired:
                 tally.repaired[repaired] += 1
             tally.samples += 1
@@ -205,16 +216,15 @@ class BatchStream(IterableDataset):
         records = self._records(reader, readers, cycle=quota is not None)
         if self.shuffle and self.shuffle_buffer > 1:
             records = shuffled(records, self.shuffle_buffer, random.Random(f"{self.seed}/{self.epoch}/{reader}"))
-        tally, batch, made = Tally(), [], 0
-        for sample in self._decoded(records, tally):
-            batch.append(sample)
-            if len(batch) == self.batch_size:
-                yield self._collate(batch, tally)
-                batch, made = [], made + 1
-                if quota is not None and made == quota:
-                    return
-        if batch:
+        tally, made = Tally(), 0
+        samples = self._decoded(records, tally)
+        batch = list(islice(samples, self.batch_size))
+        while batch and (quota is None or made < quota):
+            # read the next batch before handing this one over, so the counts of skips at the very end
+            # of a pass still travel with the last batch
+            following = [] if quota is not None and made + 1 == quota else list(islice(samples, self.batch_size))
             yield self._collate(batch, tally)
+            batch, made = following, made + 1
 
     def _collate(self, batch: list, tally: Tally) -> dict:
         keys, images, captions = map(list, zip(*batch, strict=True))
