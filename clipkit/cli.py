@@ -136,6 +136,12 @@ def _root_cause(err: BaseException) -> BaseException:
     return err
 
 
+def _one_line(err: DataError) -> str:
+    """A DataError raised in a dataloader worker arrives wrapped in the worker's traceback: keep its message."""
+    text = str(err).strip()
+    return text.splitlines()[-1].split("DataError: ", 1)[-1] if "Original Traceback" in text else text
+
+
 def _fit_task(cfg: DictConfig) -> None:
     from clipkit.train import fit  # heavy imports only once the command line is known to be good
 
@@ -149,7 +155,7 @@ def _fit_task(cfg: DictConfig) -> None:
         # A bad config value (unknown backbone, bad pooling...) is a usage error, not a crash.
         raise SystemExit(f"clipkit: error: {type(cause).__name__}: {cause}") from None
     except DataError as err:
-        raise SystemExit(f"clipkit: error: {err}") from None
+        raise SystemExit(f"clipkit: error: {_one_line(err)}") from None
     print_summary(result)
 
 

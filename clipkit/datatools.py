@@ -25,7 +25,7 @@ from datamodules.stream import decode_record
 
 def _encode(image: Image.Image, fmt: str) -> bytes:
     buf = io.BytesIO()
-    image.save(buf, format="JPEG" if fmt == "jpg" else "PNG", **({"quality": 95} if fmt == "jpg" else {}))
+    image.save(buf, format="JPEG" if fmt == "jpg" else "PNG", **({"quality": 95, "subsampling": 0} if fmt == "jpg" else {}))
     return buf.getvalue()
 
 
@@ -58,7 +58,8 @@ def _write_folder(root: Path, dm, set_name: str, split: str, shown_pairs, class_
         (root / f"{colour}_{shape}").mkdir(parents=True, exist_ok=True)
     for i, (image, (colour, shape)) in enumerate(dm.single_objects(split, shown_pairs)):
         image.save(root / f"{colour}_{shape}" / f"{i:05d}.png")
-    (root / "classnames.txt").write_text("".join(f"{c} {s}\n" for c, s in class_pairs))
+    # classnames.txt follows the sorted order of the class folders (how image folders are indexed)
+    (root / "classnames.txt").write_text("".join(f"{c} {s}\n" for c, s in sorted(class_pairs, key="_".join)))
     (root / "templates.txt").write_text("".join(f"{t}\n" for t in DEFAULT_TEMPLATES))
 
 

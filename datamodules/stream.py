@@ -167,8 +167,14 @@ class BatchStream(IterableDataset):
 
     def _resampled(self, reader: int) -> Iterator[Record]:
         shards, rng = self.source.shards(), random.Random(f"{self.seed}/{self.epoch}/{reader}/resampled")
+        empty_draws = 0
         for number in range(1 << 62):
-            yield from self._guarded(rng.choice(shards), f"{self.seed}/{self.epoch}/{reader}/{number}")
+            before = empty_draws
+            for record in self._guarded(rng.choice(shards), f"{self.seed}/{self.epoch}/{reader}/{number}"):
+                empty_draws = 0
+                yield record
+            if before == empty_draws and (empty_draws := empty_draws + 1) > 10 * len(shards):
+                raise DataError(f"{empty_draws} shards drawn in a row held no samples: are the shards empty?")
 
     def _guarded(self, shard: str, seed: str | None) -> Iterator[Record]:
         """A damaged shard loses its remaining records, counted, and the stream goes on."""
@@ -183,10 +189,15 @@ class BatchStream(IterableDataset):
             return
         number = 0
         while True:
-            yield from self._pass(reader, readers, number)
+            empty = True
+            for record in self._pass(reader, readers, number):
+                empty = False
+                yield record
             number += 1
             if not cycle:
                 return
+            if empty:  # cycling an empty share would spin forever
+                raise DataError(f"reader {reader} of {readers} has no samples in its share of the shards")
 
     def _decoded(self, records: Iterator[Record], tally: Tally) -> Iterator[tuple[str, torch.Tensor, str]]:
         in_a_row = 0

@@ -28,6 +28,15 @@ def test_synth_csv_then_train_config_reads_it_back(tmp_path, tiny_cfg):
     names = [s.name for s in dm.zeroshot_sets()]
     assert names == ["scenes", "novel_pairs"] and dm.zeroshot_sets()[0].images.shape[0] == 56
     assert len(dm.zeroshot_sets()[1].classnames) == 64  # novel pairs are scored among all pairs
+    streamed = instantiate(tiny_cfg("data=synthetic", "data.eval_per_class=1", "data.image_size=32").data)
+    for written, drawn in zip(dm.zeroshot_sets(), streamed.zeroshot_sets(), strict=True):
+        # the folder holds the in-memory set's images under the right names (PNG: the same pixels)
+        by_name = sorted(zip([written.classnames[i] for i in written.labels], written.images.unbind(), strict=True),
+                         key=lambda p: p[0])
+        expected = sorted(zip([drawn.classnames[i] for i in drawn.labels], drawn.images.unbind(), strict=True),
+                          key=lambda p: p[0])
+        assert [n for n, _ in by_name] == [n for n, _ in expected]
+        assert all(a.equal(b) for (_, a), (_, b) in zip(by_name, expected, strict=True))
     assert dm.retrieval_sets()[0].images.shape[0] == 8
 
 
@@ -61,22 +70,45 @@ def test_inspect_of_a_missing_path_is_one_line(tmp_path):
     assert proc.returncode == 1 and proc.stderr.strip() == f"clipkit: error: {tmp_path}/none.csv does not exist"
 
 
-@pytest.mark.slow
-def test_written_shards_train_like_the_streamed_default(tiny_cfg, tmp_path):
-    """Same seed, model and images seen: the JPEG shards (shuffled, resized, cropped) reach the streamed
-    run's zero-shot accuracy band on the same held-out images."""
+SHORT_RUN = ["data.batch_size=64", "data.eval_per_class=4", "model.image.embed_dim=64", "model.image.depth=2",
+             "model.text.config.hidden_size=64", "module.optimizer.lr=2e-3", "module.warmup_steps=20",
+             "callbacks.zeroshot.every_n_steps=0", "data.corpus_size=2000", "data.num_workers=1"]
+
+
+def shards_and_stream(tiny_cfg, tmp_path, steps: int, image_format: str, *stored_overrides):
+    """Train on the stream and on the same samples written as shards; return both results."""
     from clipkit.train import fit
 
-    steps, batch = 150, 64
-    synth(tmp_path / "d", "wds", steps * batch, seed=0, image_size=32, shard_size=1000, image_format="jpg",
+    synth(tmp_path / "d", "wds", steps * 64, seed=0, image_size=32, shard_size=1000, image_format=image_format,
           retrieval_size=16, eval_per_class=4)
-    common = ["trainer.max_steps=150", "data.batch_size=64", "data.eval_per_class=4", "model.image.embed_dim=64",
-              "model.image.depth=2", "model.text.config.hidden_size=64", "module.optimizer.lr=2e-3",
-              "module.warmup_steps=20", "callbacks.zeroshot.every_n_steps=0", "data.corpus_size=2000"]
-    streamed = fit(tiny_cfg(*common))
-    stored = fit(tiny_cfg(*common, "data=webdataset", f"data.shards={tmp_path}/d/train",
-                          f"data.eval_folders=[{tmp_path}/d/scenes]", "data.num_workers=1"))
-    a, b = streamed.metrics["zeroshot/scenes/top1"], stored.metrics["zeroshot/scenes/top1"]
-    print(f"zero-shot top-1: streamed {a:.3f}, stored shards {b:.3f}")
-    assert stored.images_seen == streamed.images_seen == steps * batch
-    assert min(a, b) > 5 / 56 and abs(a - b) < 0.1
+    run = [f"trainer.max_steps={steps}", *SHORT_RUN]
+    streamed = fit(tiny_cfg("data=synthetic", *run))  # data=synthetic: the supersampling synth wrote with
+    stored = fit(tiny_cfg(*run, "data=webdataset", f"data.shards={tmp_path}/d/train",
+                          f"data.eval_folders=[{tmp_path}/d/scenes]", *stored_overrides))
+    assert stored.images_seen == streamed.images_seen == steps * 64
+    return streamed, stored
+
+
+@pytest.mark.slow
+def test_unshuffled_png_shards_train_exactly_like_the_stream(tiny_cfg, tmp_path):
+    """One pipeline: lossless shards read in order give the streamed run's losses and accuracy, bit for bit."""
+    streamed, stored = shards_and_stream(tiny_cfg, tmp_path, 100, "png", "data.shuffle=false")
+    assert stored.metrics["train/loss"] == streamed.metrics["train/loss"]
+    assert stored.metrics["zeroshot/scenes/top1"] == streamed.metrics["zeroshot/scenes/top1"]
+
+
+@pytest.mark.slow
+def test_shuffled_jpeg_shards_land_in_the_streams_seed_band(tiny_cfg, tmp_path):
+    """The real path (JPEG, shuffled shards, resize + crop) after the same 25,600 images lands in the band
+    of the streamed run's seeds 0 and 1, widened by 12 points. Runs this short are chaotic: any
+    perturbation (worker count, data order, JPEG) moved seed 0 between 35% and 59% on this machine
+    (benchmarks/RESULTS.md); the exact test above is the sharp one, this one catches a broken real path
+    (scrambled labels scored 1-7%)."""
+    from clipkit.train import fit
+
+    streamed, stored = shards_and_stream(tiny_cfg, tmp_path, 400, "jpg")
+    other_seed = fit(tiny_cfg("data=synthetic", "trainer.max_steps=400", *SHORT_RUN, "seed=1"))
+    band = sorted(r.metrics["zeroshot/scenes/top1"] for r in (streamed, other_seed))
+    b = stored.metrics["zeroshot/scenes/top1"]
+    print(f"zero-shot top-1 after 25,600 images: streamed seeds 0/1 {band}, stored shards (seed 0) {b:.3f}")
+    assert b > 10 / 56 and band[0] - 0.12 <= b <= band[1] + 0.12

@@ -239,3 +239,14 @@ def test_digits_are_real_scans_with_a_disjoint_stratified_zero_shot_split(tokeni
     record = next(dm.source().records("digits"))
     assert any(w in record.caption for w in ("zero", "one", "two", "three", "four", "five", "six", "seven",
                                              "eight", "nine")) or any(c.isdigit() for c in record.caption)
+
+
+def test_a_reader_with_an_empty_share_fails_in_one_line_instead_of_spinning(tmp_path, tokenizer):
+    from clipkit.cli import _one_line
+
+    write_shards(tmp_path / "shards", 1, good_per_shard=8, bad={})
+    write_shard(tmp_path / "shards" / "00001.tar", [])
+    dm = wds(tokenizer, tmp_path / "shards", num_workers=2, samples_per_epoch=32, shuffle=False)
+    with pytest.raises(DataError) as err:
+        epoch(dm, 0, 1)
+    assert _one_line(err.value) == "reader 1 of 2 has no samples in its share of the shards"
