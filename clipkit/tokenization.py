@@ -22,13 +22,20 @@ SPECIALS = [PAD, BOS, EOS, UNK]  # ids 0, 1, 2, 3: the text tower's config names
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(4)
 
 
+# Word boundaries are marked with a leading "▁" on every word, not CLIP's "</w>" suffix: tokenizers'
+# BpeTrainer creates suffixed tokens in hash-map order, so the same corpus gave a different vocabulary in
+# every process (huggingface/tokenizers#1794), and runs were not reproducible from their config and seed.
+SCHEME = "metaspace-v1"  # part of the cache key: a change here never reuses an old vocabulary
+
+
 def _train(captions: list[str], vocab_size: int) -> Tokenizer:
-    tok = Tokenizer(models.BPE(unk_token=UNK, end_of_word_suffix="</w>"))
+    tok = Tokenizer(models.BPE(unk_token=UNK))
     tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase(), normalizers.Strip()])
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tok.decoder = decoders.BPEDecoder(suffix="</w>")
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, end_of_word_suffix="</w>",
-                                  show_progress=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation(),
+        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")])
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIALS, show_progress=False)
     tok.train_from_iterator(captions, trainer)
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A {EOS}", special_tokens=[(BOS, BOS_ID), (EOS, EOS_ID)])
@@ -52,7 +59,7 @@ def train_or_load_bpe(captions: Iterable[str], vocab_size: int, context_length: 
     if not captions:
         raise ValueError("cannot train a tokenizer on an empty caption corpus")
     digest = hashlib.sha256("\n".join(captions).encode()).hexdigest()[:16]
-    path = Path(cache_dir) / f"bpe-{vocab_size}-{digest}.json"
+    path = Path(cache_dir) / f"bpe-{SCHEME}-{vocab_size}-{digest}.json"
     if path.exists():
         tok = Tokenizer.from_file(str(path))
     else:

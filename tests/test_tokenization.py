@@ -40,3 +40,20 @@ def test_empty_corpus_is_refused(isolated):
 
     with pytest.raises(ValueError, match="empty caption corpus"):
         train_or_load_bpe([], vocab_size=300, context_length=16, cache_dir=isolated)
+
+
+def test_same_corpus_gives_the_same_vocabulary_in_every_process(tmp_path):
+    """A run must be reproducible from its config and seed alone, on a machine without the cache."""
+    import subprocess
+    import sys
+
+    from datamodules import scenes
+
+    corpus = [scenes.captioned_scene(0, "train", i, scenes.all_pairs(), scenes.OBJECTS_P)[1] for i in range(2000)]
+    (tmp_path / "corpus.txt").write_text("\n".join(corpus))
+    script = ("import json, sys; from clipkit.tokenization import train_or_load_bpe; "
+              "tok = train_or_load_bpe(open(sys.argv[1]).read().split('\\n'), 512, 32, sys.argv[2]); "
+              "print(json.dumps(sorted(tok.get_vocab().items())))")
+    vocabs = {subprocess.run([sys.executable, "-c", script, str(tmp_path / "corpus.txt"), str(tmp_path / f"c{i}")],
+                             capture_output=True, text=True, check=True).stdout for i in range(3)}
+    assert len(vocabs) == 1
