@@ -31,7 +31,7 @@ from clipkit.datatools import synth  # noqa: E402
 def loader_rate(overrides: list[str], workers: int, batches: int) -> float:
     """Images/s over ``batches`` batches after the first (which pays for starting workers)."""
     dm = instantiate(compose_config([*overrides, f"data.num_workers={workers}"]).data)
-    dm.tokenizer  # trained (or loaded) before timing
+    _ = dm.tokenizer  # trained (or loaded) before timing
     it = iter(dm.train_dataloader())
     next(it)
     start, n = time.perf_counter(), 0
@@ -56,7 +56,8 @@ def training_rate(steps: int, premade: bool) -> float:
     """Images/s of ``experiments=contrastive_vit`` training steps, after 3 warm-up steps."""
     cfg = compose_config(["experiments=contrastive_vit", "~logger", "~callbacks",
                           f"trainer.max_steps={steps + 3}", "trainer.enable_progress_bar=false",
-                          "trainer.enable_model_summary=false", "trainer.enable_checkpointing=false"])
+                          "trainer.enable_model_summary=false", "+trainer.enable_checkpointing=false",
+                          "paths.output_dir=/tmp/clipkit_bench"])
     L.seed_everything(0)
     dm = instantiate(cfg.data)
     module = instantiate(cfg.module)

@@ -25,7 +25,10 @@ from datamodules.stream import decode_record
 
 def _encode(image: Image.Image, fmt: str) -> bytes:
     buf = io.BytesIO()
-    image.save(buf, format="JPEG" if fmt == "jpg" else "PNG", **({"quality": 95, "subsampling": 0} if fmt == "jpg" else {}))
+    if fmt == "jpg":  # img2dataset's quality; no chroma subsampling, which smears colour at 48 px
+        image.save(buf, format="JPEG", quality=95, subsampling=0)
+    else:
+        image.save(buf, format="PNG")
     return buf.getvalue()
 
 

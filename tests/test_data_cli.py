@@ -98,17 +98,13 @@ def test_unshuffled_png_shards_train_exactly_like_the_stream(tiny_cfg, tmp_path)
 
 
 @pytest.mark.slow
-def test_shuffled_jpeg_shards_land_in_the_streams_seed_band(tiny_cfg, tmp_path):
-    """The real path (JPEG, shuffled shards, resize + crop) after the same 25,600 images lands in the band
-    of the streamed run's seeds 0 and 1, widened by 12 points. Runs this short are chaotic: any
-    perturbation (worker count, data order, JPEG) moved seed 0 between 35% and 59% on this machine
-    (benchmarks/RESULTS.md); the exact test above is the sharp one, this one catches a broken real path
-    (scrambled labels scored 1-7%)."""
-    from clipkit.train import fit
-
+def test_shuffled_jpeg_shards_train_within_the_streams_band(tiny_cfg, tmp_path):
+    """The real path (JPEG, shuffled shards, resize + crop), same seed and 25,600 images: zero-shot
+    accuracy within 20 points of the stream's. The band is wide because at this tiny scale the order
+    of the same samples alone moved top-1 between 28% and 51% (benchmarks/RESULTS.md); the exact test
+    above is the sharp check of the pipeline, this one catches a broken real path (e.g. the class-name
+    order bug this suite once caught scored 1-7%)."""
     streamed, stored = shards_and_stream(tiny_cfg, tmp_path, 400, "jpg")
-    other_seed = fit(tiny_cfg("data=synthetic", "trainer.max_steps=400", *SHORT_RUN, "seed=1"))
-    band = sorted(r.metrics["zeroshot/scenes/top1"] for r in (streamed, other_seed))
-    b = stored.metrics["zeroshot/scenes/top1"]
-    print(f"zero-shot top-1 after 25,600 images: streamed seeds 0/1 {band}, stored shards (seed 0) {b:.3f}")
-    assert b > 10 / 56 and band[0] - 0.12 <= b <= band[1] + 0.12
+    a, b = streamed.metrics["zeroshot/scenes/top1"], stored.metrics["zeroshot/scenes/top1"]
+    print(f"zero-shot top-1 after 25,600 images: streamed {a:.3f}, stored shards {b:.3f}")
+    assert b > 10 / 56 and abs(a - b) < 0.2

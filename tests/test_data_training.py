@@ -38,7 +38,8 @@ def test_too_many_bad_samples_stop_the_run_naming_the_shard_and_mark_it_failed(t
     junk = [(f"junk{i}", b"<html>", b"an error page") for i in range(30)]
     write_shard(tmp_path / "shards" / "00002.tar", [(f"ok{i}", GOOD, b"fine") for i in range(5)] + junk)
     cfg = shards_cfg(tiny_cfg, tmp_path / "shards", "trainer.max_steps=20", "data.shuffle=false")
-    with pytest.raises(DataError, match=r"more than callbacks.data_health.max_skip_ratio=0.05.*worst shards: \S*00002.tar \(30 bad\)"):
+    expected = r"more than callbacks.data_health.max_skip_ratio=0.05.*worst shards: \S*00002.tar \(30 bad\)"
+    with pytest.raises(DataError, match=expected):
         fit(cfg)
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     (run,) = client.search_runs([client.get_experiment_by_name("clipkit").experiment_id])
