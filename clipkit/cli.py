@@ -1,4 +1,4 @@
-"""Command line: ``python -m clipkit {fit,data,ui} ...``.
+"""Command line: ``python -m clipkit {fit,data,compare,ui} ...``.
 
 ``fit`` is a plain ``@hydra.main`` app (so ``--cfg job``, ``--help`` and ``-m`` work as Hydra documents);
 before handing over, the overrides are composed once here so a mistyped preset or key fails in one
@@ -35,6 +35,8 @@ commands:
   data  write the embedded dataset to disk, or look at a dataset:
           python -m clipkit data synth --out DIR --format wds|csv --samples N
           python -m clipkit data inspect PATH   (shards, CSV/TSV or image folder; writes a contact sheet)
+  compare  zero-shot accuracy against images processed, one curve per objective, from MLflow runs:
+          python -m clipkit compare [--experiment ablation_fig2] [--out FILE.md] [--levels 0.3,0.5]
   ui    start the MLflow UI on 127.0.0.1 for the run store: python -m clipkit ui [port=5000]
 """
 
@@ -218,7 +220,13 @@ def data_main(args: list[str]) -> int:
     return run(args)
 
 
-COMMANDS = {"fit": fit_main, "data": data_main, "ui": ui_main}
+def compare_main(args: list[str]) -> int:
+    from clipkit.compare import compare_main as run
+
+    return run(args)
+
+
+COMMANDS = {"fit": fit_main, "data": data_main, "compare": compare_main, "ui": ui_main}
 
 
 def main(argv: list[str] | None = None) -> int:

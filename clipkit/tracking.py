@@ -57,15 +57,25 @@ def git_revision() -> str:
         return "unknown"
 
 
-def run_tags(cfg: DictConfig, preset: str | None) -> dict[str, str]:
+def run_tags(cfg: DictConfig, preset: str | None, arm: str | None = None) -> dict[str, str]:
+    """What the MLflow UI filters and groups by; ``clipkit.arm`` is the objective's label (``compare`` groups
+    by it) and ``clipkit.overrides`` the command line of this run (of this job, in a multirun)."""
     revision = git_revision()
     return {
         "mlflow.source.git.commit": revision.removesuffix("-dirty"),  # shown by the MLflow UI
         "clipkit.git_revision": revision,
         "clipkit.preset": preset or "none",
         "clipkit.objective": str(cfg.objective._target_).rsplit(".", 1)[-1],
+        "clipkit.arm": arm or str(cfg.objective._target_).rsplit(".", 1)[-1],
         "clipkit.seed": str(cfg.get("seed")),
+        "clipkit.overrides": " ".join(_command_line()),
     }
+
+
+def _command_line() -> list[str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
 
 
 @dataclass(frozen=True)

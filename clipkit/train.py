@@ -12,9 +12,9 @@ from pathlib import Path
 
 import lightning as L
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
+from transformers import PreTrainedModel
 
-from clipkit.models import TextTower
 from clipkit.tracking import MLFlowLogger, RunRecord, run_tags
 
 log = logging.getLogger(__name__)
@@ -33,21 +33,40 @@ class FitResult:
 
 
 def check_vocabulary(tokenizer, module: L.LightningModule) -> None:
-    """A text tower whose vocabulary or special ids disagree with the tokenizer trains on garbage silently."""
-    for tower in (m for m in module.modules() if isinstance(m, TextTower)):
-        cfg = tower.model.config
-        if len(tokenizer) > cfg.vocab_size:
-            raise ValueError(f"tokenizer has {len(tokenizer)} tokens but the text tower's vocab_size is "
-                             f"{cfg.vocab_size}: raise model.text.config.vocab_size")
-        for name in ("pad", "bos", "eos"):
-            want, got = getattr(tokenizer, f"{name}_token_id"), getattr(cfg, f"{name}_token_id")
+    """A text model (tower, bag of words, caption decoder) whose vocabulary or special ids disagree with the
+    tokenizer trains on garbage silently."""
+    for m in module.modules():
+        config = m.config if isinstance(m, PreTrainedModel) else None
+        size = config.vocab_size if config is not None else getattr(m, "vocab_size", None)
+        if not isinstance(size, int):
+            continue
+        if len(tokenizer) > size:
+            raise ValueError(f"tokenizer has {len(tokenizer)} tokens but {type(m).__name__}'s vocab_size is "
+                             f"{size}: raise it in the model or objective config")
+        for name in ("pad", "bos", "eos") if config is not None else ():
+            want, got = getattr(tokenizer, f"{name}_token_id"), getattr(config, f"{name}_token_id", None)
             if want is not None and got != want:
-                raise ValueError(f"text tower {name}_token_id={got} but the tokenizer's is {want}: "
-                                 f"set model.text.config.{name}_token_id={want}")
+                raise ValueError(f"{type(m).__name__} has {name}_token_id={got} but the tokenizer's is {want}: "
+                                 f"set {name}_token_id: {want} in its config")
+
+
+def drop_unused_models(cfg: DictConfig) -> list[str]:
+    """Remove ``model.<name>`` sub-trees that nothing interpolates (the text tower under ``objective=bow_prediction``),
+    so a run records only what it builds. Returns the names removed."""
+    if "model" not in cfg:
+        return []
+    rest = OmegaConf.to_yaml({k: v for k, v in cfg.items_ex(resolve=False) if k != "model"})
+    unused = [name for name in cfg.model if "${model." + name + "}" not in rest]
+    with open_dict(cfg):
+        for name in unused:
+            del cfg.model[name]
+    return unused
 
 
 def fit(cfg: DictConfig, preset: str | None = None) -> FitResult:
     """Instantiate data, model, callbacks, loggers and trainer from ``cfg`` (in that order) and train."""
+    for name in drop_unused_models(cfg):
+        log.info("model.%s is not used by %s: not built, not recorded", name, cfg.objective._target_)
     record = RunRecord.of(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
@@ -58,7 +77,7 @@ def fit(cfg: DictConfig, preset: str | None = None) -> FitResult:
     module = instantiate(cfg.module)
     check_vocabulary(tokenizer, module)
     callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
-    loggers = [instantiate(cfg.logger, tags=run_tags(cfg, preset))] if cfg.get("logger") else []
+    loggers = [instantiate(cfg.logger, tags=run_tags(cfg, preset, module.objective.arm))] if cfg.get("logger") else []
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     for logger in trainer.loggers:  # fast_dev_run swaps loggers for a dummy
         if isinstance(logger, MLFlowLogger):

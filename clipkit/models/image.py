@@ -23,16 +23,24 @@ class ImageTower(nn.Module):
     """``images [B, 3, H, W] -> features [B, width]`` from timm's own pooling (cls token, avg or attention pool).
 
     Keyword arguments go to the timm constructor unchanged (``img_size``, ``patch_size``, ``depth``...),
-    so every timm model is usable without a wrapper per family.
+    so every timm model is usable without a wrapper per family. ``tokens`` gives the unpooled grid
+    ``[B, N, token_width]`` for objectives that attend over the image (the caption decoder).
     """
 
     def __init__(self, name: str, grad_checkpointing: bool = False, **kwargs) -> None:
         super().__init__()
         self.name = name
         self.model = create_timm_model(name, **kwargs)
-        self.width = self.model.num_features
+        # an attention-pool head (CLIP's ResNets) may pool to another width than the feature map's
+        self.width = getattr(self.model, "head_hidden_size", None) or self.model.num_features
+        self.token_width = self.model.num_features
         if grad_checkpointing:
             self.model.set_grad_checkpointing(True)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
+
+    def tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """The unpooled features as a sequence: a ViT's tokens, or a CNN's map flattened to ``[B, H*W, C]``."""
+        features = self.model.forward_features(images)
+        return features.flatten(2).transpose(1, 2) if features.ndim == 4 else features

@@ -17,6 +17,8 @@ class TextTower(nn.Module):
     vocabulary, and its own pooler then silently reads position 0.
     """
 
+    kind = "transformer"
+
     def __init__(self, config: PretrainedConfig, pooling: str = "eos", grad_checkpointing: bool = False) -> None:
         super().__init__()
         if pooling not in POOLINGS:

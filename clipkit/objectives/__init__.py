@@ -3,6 +3,8 @@
 and comparisons never branch on which objective a run used."""
 
 from clipkit.objectives.base import Objective
+from clipkit.objectives.bow_prediction import BagOfWordsPrediction, bag_of_words
+from clipkit.objectives.caption import CaptionLM
 from clipkit.objectives.contrastive import Contrastive, contrastive_loss
 
-__all__ = ["Objective", "Contrastive", "contrastive_loss"]
+__all__ = ["BagOfWordsPrediction", "CaptionLM", "Contrastive", "Objective", "bag_of_words", "contrastive_loss"]

@@ -28,5 +28,11 @@ class Objective(nn.Module, ABC):
     def zero_shot_logits(self, images: torch.Tensor, prompts: dict[str, torch.Tensor]) -> torch.Tensor:
         """``[B, C]`` scores: higher means the image matches class c's prompts better."""
 
+    @property
+    @abstractmethod
+    def arm(self) -> str:
+        """A readable label of what this objective trains, e.g. "contrastive (bag of words text)": runs are
+        grouped by it in MLflow (tag ``clipkit.arm``) and in ``clipkit compare``."""
+
     def after_optimizer_step(self) -> None:
         """Hook for in-place parameter constraints after each optimiser step (e.g. clamping)."""

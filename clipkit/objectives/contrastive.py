@@ -47,6 +47,10 @@ class Contrastive(Objective):
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
         self.max_log_scale = math.log(max_logit_scale)
 
+    @property
+    def arm(self) -> str:
+        return f"contrastive ({getattr(self.text_tower, 'kind', type(self.text_tower).__name__)} text)"
+
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.image_proj(self.image_tower(images)), dim=-1)
 
