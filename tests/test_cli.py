@@ -42,7 +42,8 @@ def test_mistyped_key_inside_a_multirun_sweep_is_caught_before_any_job(capsys):
 def test_fit_help_is_hydras_with_presets_explained():
     proc = run_cli("fit", "--help")
     assert proc.returncode == 0, proc.stderr
-    assert "experiments=NAME" in proc.stdout and "model/image: vit_tiny, vit_tiny_hybrid" in proc.stdout
+    assert "experiments=NAME" in proc.stdout and "model/image: resnet_clip_tiny, vit_tiny, vit_tiny_hybrid" in proc.stdout
+    assert "objective: bow_contrastive, bow_prediction, caption_lm, contrastive" in proc.stdout
 
 
 def test_cfg_job_prints_the_composed_preset():

@@ -56,3 +56,35 @@ def test_text_attention_is_causal():
 def test_unknown_pooling_is_refused():
     with pytest.raises(ValueError, match="unknown text pooling 'last'"):
         _text_tower("last")
+
+
+def test_clip_resnet_preset_family_matches_open_clip_modified_resnet_weight_for_weight():
+    """timm's resnet50_clip (model/image=resnet_clip_tiny) is the paper's modified ResNet: open_clip's
+    ModifiedResNet at the same width, its weights renamed by timm's OpenAI converter, gives the same features."""
+    from open_clip.modified_resnet import ModifiedResNet
+    from timm.models.byobnet import ByoBlockCfg, checkpoint_filter_fn
+
+    torch.manual_seed(0)
+    reference = ModifiedResNet(layers=(1, 1, 1, 1), output_dim=24, heads=8, image_size=64, width=16).eval()
+    blocks = [ByoBlockCfg(type="bottle", d=1, c=c, s=s, br=0.25) for c, s in ((64, 1), (128, 2), (256, 2), (512, 2))]
+    tower = ImageTower("resnet50_clip", img_size=64, stem_chs=(8, 8, 16), blocks=blocks)
+    ours = tower.model.eval()
+    ours.reset_classifier(24)  # open_clip's attention pool ends in its output projection; the tower's ends before it
+    state = checkpoint_filter_fn({f"visual.{k}": v for k, v in reference.state_dict().items()}, ours)
+    ours.load_state_dict(state)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), reference(x), atol=1e-4, rtol=1e-4)
+    assert tower.width == 512 and tower.tokens(x).shape == (2, 4, 512)  # 64 px / 32 = a 2x2 map
+
+
+def test_tiny_clip_resnet_preset_builds_and_exposes_its_map():
+    from hydra.utils import instantiate
+
+    from clipkit.cli import compose_config
+
+    cfg = compose_config(["model/image=resnet_clip_tiny", "data.image_size=32"])
+    tower = instantiate(cfg.model.image)
+    x = torch.randn(2, 3, 32, 32)
+    assert tower(x).shape == (2, tower.width) == (2, 512)
+    assert tower.tokens(x).shape == (2, 4, 512)  # 32 px at stride 16

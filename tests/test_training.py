@@ -71,6 +71,7 @@ def test_finished_run_has_params_tags_metrics_and_config_artifact(tiny_cfg, isol
     assert params["seed"] == "0"
     assert params["objective/image_tower"] == "${model.image}"  # sub-trees are logged once, under their key
     assert tags["clipkit.preset"] == "contrastive_vit" and tags["clipkit.objective"] == "Contrastive"
+    assert tags["clipkit.arm"] == "contrastive (transformer text)"  # what `clipkit compare` groups by
     assert len(tags["mlflow.source.git.commit"]) in (40, len("unknown"))
 
     # metrics are stepped by images seen: 4 steps x 16 images; evaluation every 2 steps and at the end
@@ -90,3 +91,11 @@ def test_finished_run_has_params_tags_metrics_and_config_artifact(tiny_cfg, isol
     assert any(a.endswith(".json") for a in artifacts)  # the trained tokenizer
     assert "last/last.ckpt" in {a.path for a in client.list_artifacts(result.run_id, "last")}  # final weights
     assert math.isfinite(result.train_images_per_second)
+
+
+def test_a_run_records_only_the_towers_its_objective_builds(tiny_cfg, isolated):
+    result = fit(tiny_cfg("objective=bow_prediction", "trainer.max_steps=2", "experiment_name=test_bow"))
+    run = mlflow.MlflowClient(tracking_uri=f"sqlite:///{isolated}/mlflow.db").get_run(result.run_id)
+    assert run.data.tags["clipkit.arm"] == "bag-of-words prediction"
+    assert "model/image/name" in run.data.params and not any(k.startswith("model/text/") for k in run.data.params)
+    assert "zeroshot/scenes/top1" in result.metrics  # the same metric names as every other objective
