@@ -34,6 +34,7 @@ class Curve:
     values: np.ndarray
     minutes: float = float("nan")
     overrides: str = ""
+    revision: str = ""
 
 
 @dataclass
@@ -105,6 +106,11 @@ def markdown(arms: list[Arm], metric: str, levels: list[float], plot_name: str, 
              "finished runs. Curves are the mean over seeds on the shared evaluation points; the band is the "
              "seeds' min–max. Images-to-reach are read off the mean curve, interpolated linearly between "
              "evaluations; \"> N\" means the arm had not reached the level after its N images.", ""]
+    curves = [c for a in arms for c in a.curves]
+    shared = [o for o in curves[0].overrides.split() if all(o in c.overrides.split() for c in curves)]
+    revisions = sorted({c.revision[:12] for c in curves if c.revision})
+    lines += [f"Runs made by `python -m clipkit fit {' '.join(shared)}`".rstrip() + " (each run's own overrides are "
+              "in the last table)" + (f", at git revision {', '.join(revisions)}" if revisions else "") + ".", ""]
     if any(skipped.values()):
         lines += ["Not included: " + ", ".join(f"{n} {why}" for why, n in skipped.items() if n) + ".", ""]
     lines += [f"![{metric} against images processed]({plot_name})", "", "## Final accuracy", "",
@@ -184,7 +190,8 @@ def load_arms(client, experiment_id: str, metric: str | None) -> tuple[list[Arm]
         by_arm[arm].curves.append(Curve(run.info.run_id, arm, tags.get("clipkit.seed", "?"),
                                         np.array([h[0] for h in history], dtype=float),
                                         np.array([h[1] for h in history], dtype=float),
-                                        minutes, tags.get("clipkit.overrides", "")))
+                                        minutes, tags.get("clipkit.overrides", ""),
+                                        tags.get("clipkit.git_revision", "")))
     if not by_arm:
         raise ValueError(f"no finished run in this experiment logged {metric!r}")
     arms = sorted(by_arm.values(), key=lambda a: float(a.final().mean()))

@@ -38,7 +38,8 @@ def _store(tmp_path):
     for arm, values in curves.items():
         for seed, jitter in ((0, -0.01), (1, 0.01)):
             run = client.create_run(exp, tags={"clipkit.arm": arm, "clipkit.seed": str(seed),
-                                               "clipkit.overrides": f"arm={arm} seed={seed}"})
+                                               "clipkit.overrides": f"arm={arm} seed={seed} data=x",
+                                               "clipkit.git_revision": "0123456789abcdef"})
             for step, value in zip(steps, values, strict=True):
                 client.log_metric(run.info.run_id, "zeroshot/scenes/top1", value + jitter, step=step)
                 client.log_metric(run.info.run_id, "zeroshot/other/top1", 0.1, step=step)
@@ -57,6 +58,7 @@ def test_compare_writes_table_and_plot_and_logs_them(tmp_path, capsys):
     text = out.read_text()
     assert (tmp_path / "report" / "fig2.png").stat().st_size > 10_000
     assert "zeroshot/scenes/top1" in text and "1 unfinished runs" in text
+    assert "Runs made by `python -m clipkit fit data=x` (each run's own" in text and "revision 0123456789ab." in text
     assert "| slow | 2 | 4,000 | 50.0 ± 1.4 % | 49.0, 51.0 |" in text
     assert "| fast | 2 | 4,000 | 90.0 ± 1.4 % | 89.0, 91.0 |" in text
     # images to reach: fast 1,000 (50%) and 3,000 (80%); slow 4,000 (50%) and never 80%
