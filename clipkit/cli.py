@@ -1,4 +1,4 @@
-"""Command line: ``python -m clipkit {fit,data,compare,ui} ...``.
+"""Command line: ``python -m clipkit {fit,eval,data,compare,ui} ...``.
 
 ``fit`` is a plain ``@hydra.main`` app (so ``--cfg job``, ``--help`` and ``-m`` work as Hydra documents);
 before handing over, the overrides are composed once here so a mistyped preset or key fails in one
@@ -32,6 +32,8 @@ USAGE = """usage: python -m clipkit COMMAND [hydra overrides]
 commands:
   fit   train a model: python -m clipkit fit experiments=contrastive_vit [key=value ...]
         Hydra's own flags work: --cfg job (print the config), -m (multirun grid), --help
+  eval  evaluate a checkpoint: zero-shot, retrieval, linear and few-shot probes; JSON report + MLflow:
+          python -m clipkit eval ckpt=PATH [tasks=[zeroshot,retrieval,linear_probe,fewshot]] [data=NAME]
   data  write the embedded dataset to disk, or look at a dataset:
           python -m clipkit data synth --out DIR --format wds|csv --samples N
           python -m clipkit data inspect PATH   (shards, CSV/TSV or image folder; writes a contact sheet)
@@ -226,7 +228,13 @@ def compare_main(args: list[str]) -> int:
     return run(args)
 
 
-COMMANDS = {"fit": fit_main, "data": data_main, "compare": compare_main, "ui": ui_main}
+def eval_main(args: list[str]) -> int:
+    from clipkit.evaluate import eval_main as run
+
+    return run(args)
+
+
+COMMANDS = {"fit": fit_main, "eval": eval_main, "data": data_main, "compare": compare_main, "ui": ui_main}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -80,7 +80,7 @@ def synth(out: Path, fmt: str, samples: int, seed: int, image_size: int, shard_s
     train = ((f"{int(r.key):09d}", r.image(), r.caption, {**meta, "index": int(r.key)})
              for r in islice(dm.source().records(dm.source().shards()[0]), samples))
     held = ((f"{i:09d}", image, text, {**meta, "split": "retrieval", "index": i})
-            for i, (image, text) in enumerate(dm.retrieval_pairs()))
+            for i, (image, (text, *_)) in enumerate(dm.retrieval_pairs()))
     if fmt == "wds":
         _write_wds(out / "train", train, image_format, shard_size, samples)
         _write_wds(out / "retrieval", held, image_format, shard_size, retrieval_size)

@@ -48,6 +48,11 @@ class ClipKitModule(L.LightningModule):
         self.weight_decay = weight_decay
         self.warmup_steps = warmup_steps
         self.register_buffer("images_seen", torch.zeros((), dtype=torch.long), persistent=True)
+        self.run_info: dict = {}  # set by fit(): resolved config, tokenizer, MLflow run; saved in every checkpoint
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # a checkpoint rebuilds its model and tokenizer by itself (clipkit eval), wherever it is copied to
+        checkpoint["clipkit"] = self.run_info
 
     def _gather(self, x: torch.Tensor) -> torch.Tensor:
         # Lightning's default sync_grads=False would detach the other ranks' negatives.

@@ -78,3 +78,14 @@ def tokenize(tokenizer: PreTrainedTokenizerFast, texts: list[str], context_lengt
     """``texts`` -> ``input_ids`` and ``attention_mask`` [N, context_length] (int64), end token kept on truncation."""
     enc = tokenizer(texts, padding="max_length", truncation=True, max_length=context_length, return_tensors="pt")
     return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+class StoredTokenizer:
+    """A tokenizer factory (the datamodule's ``tokenizer`` argument) that returns the tokenizer a checkpoint
+    was trained with, whatever captions the new data has: evaluation must read prompts with the same vocabulary."""
+
+    def __init__(self, tokenizer_json: str) -> None:
+        self.tokenizer_json = tokenizer_json
+
+    def __call__(self, captions: Iterable[str] = (), context_length: int = 77) -> PreTrainedTokenizerFast:
+        return _wrap(Tokenizer.from_str(self.tokenizer_json), context_length)

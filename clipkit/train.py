@@ -79,9 +79,11 @@ def fit(cfg: DictConfig, preset: str | None = None) -> FitResult:
     callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
     loggers = [instantiate(cfg.logger, tags=run_tags(cfg, preset, module.objective.arm))] if cfg.get("logger") else []
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    module.run_info = {"config": record.config_yaml, "tokenizer": tokenizer.backend_tokenizer.to_str()}
     for logger in trainer.loggers:  # fast_dev_run swaps loggers for a dummy
         if isinstance(logger, MLFlowLogger):
             record.log(logger, [p for p in [getattr(tokenizer, "cache_path", None)] if p])
+            module.run_info.update(run_id=logger.run_id, tracking_uri=logger._tracking_uri)
 
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule)

@@ -46,6 +46,19 @@ class RetrievalSet:
     positives: torch.Tensor  # [N, M] bool
 
 
+@dataclass
+class ProbeSet:
+    """Labelled images for linear and few-shot probes: a training split and a test split over the same classes.
+    The test split is the zero-shot set's images, so zero-shot and probe accuracies are comparable."""
+
+    name: str
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    classnames: list[str]
+
+
 def class_prompts(tokenizer, classnames: list[str], templates: tuple[str, ...] | list[str],
                   context_length: int) -> dict[str, torch.Tensor]:
     """Every template filled with every class name, tokenised to ``[C, T, L]``."""

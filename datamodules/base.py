@@ -17,7 +17,7 @@ import torch
 
 from clipkit.errors import DataError
 from clipkit.tokenization import tokenize
-from clipkit.zeroshot import DEFAULT_TEMPLATES, RetrievalSet, ZeroShotSet
+from clipkit.zeroshot import DEFAULT_TEMPLATES, ProbeSet, RetrievalSet, ZeroShotSet
 from datamodules.decode import BadSample, decode_caption
 from datamodules.imagefolder import image_folder_set
 from datamodules.stream import BatchStream, Collate, EpochDataLoader, Source, decode_record
@@ -169,10 +169,19 @@ class CaptionDataModule(L.LightningDataModule):
             raise DataError("the retrieval source holds no good samples")
         return [self.retrieval_set("held_out", images, captions)]
 
-    def retrieval_set(self, name: str, images: list[torch.Tensor], captions: list[str]) -> RetrievalSet:
-        prompts = {k: v.unsqueeze(1) for k, v in tokenize(self.tokenizer, captions, self.context_length).items()}
-        positives = torch.eye(len(captions), dtype=torch.bool)
-        return RetrievalSet(name, self.normalize(torch.stack(images)), captions, prompts, positives)
+    def retrieval_set(self, name: str, images: list[torch.Tensor], captions: list[str] | list[list[str]]) -> RetrievalSet:
+        """Images with one caption each, or several (``captions[i]`` lists image i's): every caption of an
+        image is a positive for it (CLIP_benchmark's any-caption rule)."""
+        per_image = [[c] if isinstance(c, str) else list(c) for c in captions]
+        flat = [c for group in per_image for c in group]
+        owner = torch.tensor([i for i, group in enumerate(per_image) for _ in group])
+        prompts = {k: v.unsqueeze(1) for k, v in tokenize(self.tokenizer, flat, self.context_length).items()}
+        positives = owner.unsqueeze(0) == torch.arange(len(per_image)).unsqueeze(1)  # [images, captions]
+        return RetrievalSet(name, self.normalize(torch.stack(images)), flat, prompts, positives)
+
+    def probe_sets(self) -> list[ProbeSet]:
+        """Training and test images for linear / few-shot probes; none unless the dataset has labels."""
+        return []
 
     def retrieval_sets(self) -> list[RetrievalSet]:
         return self._retrieval_sets

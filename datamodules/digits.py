@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from clipkit.zeroshot import ZeroShotSet, class_prompts
+from clipkit.zeroshot import ProbeSet, ZeroShotSet, class_prompts
 from datamodules.base import CaptionDataModule
 from datamodules.stream import Record
 
@@ -78,6 +78,13 @@ class DigitsDataModule(CaptionDataModule):
 
     def source(self) -> DigitsSource:
         return self._source
+
+    def probe_sets(self) -> list[ProbeSet]:
+        """Probe training images: the training scans; test: the held-out scans of the zero-shot set."""
+        transform, train = self.eval_transform(), np.flatnonzero(~self.held_out)
+        images = self.normalize(torch.stack([transform(_rgb(self.images[i])) for i in train]))
+        zs = self.zeroshot_sets()[0]
+        return [ProbeSet("digits", images, torch.as_tensor(self.labels[train]), zs.images, zs.labels, zs.classnames)]
 
     def own_zeroshot_sets(self) -> list[ZeroShotSet]:
         transform, held = self.eval_transform(), np.flatnonzero(self.held_out)

@@ -48,7 +48,8 @@ SHAPE_SYNONYMS = {
 }
 SIZES = {"small": 0.3, "large": 0.5}  # object diameter as a fraction of the image side
 SIZE_SYNONYMS = {"small": ["small", "little", "tiny"], "large": ["large", "big", "huge"]}
-SPLITS = {"train": 0, "zeroshot": 1, "novel_pairs": 2, "retrieval": 3, "corpus": 4}
+SPLITS = {"train": 0, "zeroshot": 1, "novel_pairs": 2, "retrieval": 3, "corpus": 4, "probe": 5,
+          "retrieval_caption": 6}
 
 PREFIXES = ["", "", "", "a photo of ", "image of ", "picture: ", "an illustration of ", "clipart of ",
             "stock image - ", "drawing of ", "photo: "]
@@ -73,9 +74,9 @@ class Scene:
     objects: tuple[Shape, ...]
 
 
-def sample_rng(seed: int, split: str, index: int) -> np.random.Generator:
+def sample_rng(seed: int, split: str, index: int, *more: int) -> np.random.Generator:
     """The generator for one sample: independent of every other sample and of worker layout."""
-    return np.random.default_rng([seed, SPLITS[split], index])
+    return np.random.default_rng([seed, SPLITS[split], index, *more])
 
 
 OBJECTS_P = (0.5, 0.3, 0.2)  # P(1, 2, 3 objects)

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2.functional import pil_to_tensor
 
-from clipkit.zeroshot import RetrievalSet, ZeroShotSet, class_prompts
+from clipkit.zeroshot import ProbeSet, RetrievalSet, ZeroShotSet, class_prompts
 from datamodules import scenes
 from datamodules.base import CaptionDataModule
 from datamodules.stream import Record
@@ -52,7 +52,8 @@ class SyntheticScenesDataModule(CaptionDataModule):
 
     def __init__(self, tokenizer, seed: int = 0, image_size: int = 48, holdout_pairs: list[list[str]] | None = None,
                  eval_per_class: int = 20, supersample: int = 2, objects_p: tuple[float, ...] = scenes.OBJECTS_P,
-                 **common) -> None:
+                 retrieval_captions: int = 1, probe_per_class: int = 32, **common) -> None:
+        self.retrieval_captions, self.probe_per_class = retrieval_captions, probe_per_class
         self.novel_pairs = [tuple(p) for p in (holdout_pairs or [])]
         scenes.check_pairs(self.novel_pairs)
         self.train_pairs = [p for p in scenes.all_pairs() if p not in self.novel_pairs]
@@ -71,10 +72,11 @@ class SyntheticScenesDataModule(CaptionDataModule):
     def _render(self, scene: scenes.Scene) -> Image.Image:
         return scenes.render(scene, self.image_size, self.supersample)
 
-    def single_objects(self, split: str, pairs: list[tuple[str, str]]) -> list[tuple[Image.Image, tuple[str, str]]]:
-        """``eval_per_class`` single-object images of each pair, as (image, pair)."""
+    def single_objects(self, split: str, pairs: list[tuple[str, str]], per_class: int | None = None
+                       ) -> list[tuple[Image.Image, tuple[str, str]]]:
+        """``per_class`` (default ``eval_per_class``) single-object images of each pair, as (image, pair)."""
         out = []
-        for i in range(self.eval_per_class * len(pairs)):
+        for i in range((per_class or self.eval_per_class) * len(pairs)):
             pair = pairs[i % len(pairs)]
             scene = scenes.sample_scene(scenes.sample_rng(self.seed, split, i), [pair], n_objects=1)
             out.append((self._render(scene), pair))
@@ -98,10 +100,23 @@ class SyntheticScenesDataModule(CaptionDataModule):
     def own_zeroshot_sets(self) -> list[ZeroShotSet]:
         return [self._classification(*split) for split in self.zeroshot_splits()]
 
-    def retrieval_pairs(self) -> Iterator[tuple[Image.Image, str]]:
+    def retrieval_pairs(self) -> Iterator[tuple[Image.Image, list[str]]]:
+        """Held-out scenes with ``retrieval_captions`` captions each: the first as in training, the others
+        drawn independently for the same scene (COCO-style: five people describe one image)."""
         for i in range(self.retrieval_size):
             scene, text = scenes.captioned_scene(self.seed, "retrieval", i, self.train_pairs, self.objects_p)
-            yield self._render(scene), text
+            more = [scenes.caption(scene, scenes.sample_rng(self.seed, "retrieval_caption", i, j))
+                    for j in range(1, self.retrieval_captions)]
+            yield self._render(scene), [text, *more]
+
+    def probe_sets(self) -> list[ProbeSet]:
+        """Probe training images: ``probe_per_class`` fresh single objects per trained pair; test: the
+        ``scenes`` zero-shot set."""
+        zs = next(z for z in self.zeroshot_sets() if z.name == "scenes")
+        images, shown = zip(*self.single_objects("probe", self.train_pairs, self.probe_per_class), strict=True)
+        labels = torch.tensor([self.train_pairs.index(p) for p in shown])
+        train = self.normalize(torch.stack([pil_to_tensor(im) for im in images]))
+        return [ProbeSet("scenes", train, labels, zs.images, zs.labels, zs.classnames)]
 
     @cached_property
     def _retrieval_sets(self) -> list[RetrievalSet]:

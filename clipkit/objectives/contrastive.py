@@ -29,6 +29,18 @@ def contrastive_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch
     return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
 
 
+PROJECTIONS = ("linear", "mlp")
+
+
+def make_projection(kind: str, width: int, embed_dim: int) -> nn.Module:
+    """The paper's linear projection (no bias), or a 2-layer MLP (SimCLR-style) for the paper's comparison."""
+    if kind == "linear":
+        return nn.Linear(width, embed_dim, bias=False)
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, embed_dim, bias=False))
+    raise ValueError(f"unknown projection {kind!r}: choose from {', '.join(PROJECTIONS)}")
+
+
 class Contrastive(Objective):
     """Image and text towers, linear projections (no bias) into a joint space, learnable temperature.
 
@@ -38,13 +50,15 @@ class Contrastive(Objective):
     """
 
     def __init__(self, image_tower: nn.Module, text_tower: nn.Module, embed_dim: int = 128,
-                 init_temperature: float = 0.07, max_logit_scale: float = 100.0) -> None:
+                 init_temperature: float = 0.07, max_logit_scale: float = 100.0, learn_temperature: bool = True,
+                 projection: str = "linear") -> None:
         super().__init__()
         self.image_tower = image_tower
         self.text_tower = text_tower
-        self.image_proj = nn.Linear(image_tower.width, embed_dim, bias=False)
-        self.text_proj = nn.Linear(text_tower.width, embed_dim, bias=False)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
+        self.image_proj = make_projection(projection, image_tower.width, embed_dim)
+        self.text_proj = make_projection(projection, text_tower.width, embed_dim)
+        # learn_temperature=False keeps it at init_temperature: the ablation the paper argues against
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)), requires_grad=learn_temperature)
         self.max_log_scale = math.log(max_logit_scale)
 
     @property
