@@ -9,12 +9,9 @@ import lightning as L
 import torch
 
 from clipkit.evaluation import recall_at_k, topk_accuracy
+from clipkit.evaluation.suite import scores
 
 log = logging.getLogger(__name__)
-
-
-def _to(prompts: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in prompts.items()}
 
 
 class ZeroShotEvaluation(L.Callback):
@@ -41,9 +38,7 @@ class ZeroShotEvaluation(L.Callback):
             self.evaluate(trainer, pl_module)
 
     def _scores(self, objective, images: torch.Tensor, prompts: dict, device) -> torch.Tensor:
-        prompts = _to(prompts, device)
-        return torch.cat([objective.zero_shot_logits(chunk.to(device), prompts).float().cpu()
-                          for chunk in images.split(self.batch_size)])
+        return scores(objective, images, prompts, device, self.batch_size)
 
     @torch.no_grad()
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:

@@ -184,3 +184,23 @@ def test_arms_are_labelled_for_mlflow_and_compare(tokenizer):
     labels = {arm: make(arm, len(tokenizer)).arm for arm in ARMS}
     assert labels == {"contrastive": "contrastive (transformer text)", "bow_contrastive": "contrastive (bag of words text)",
                       "bow_prediction": "bag-of-words prediction", "caption_lm": "caption prediction (transformer LM)"}
+
+
+def test_fixed_temperature_stays_put_and_mlp_projection_is_two_layers(tokenizer):
+    from clipkit.module import decay_groups
+    from clipkit.objectives.contrastive import make_projection
+
+    torch.manual_seed(0)
+    text = BagOfWordsTower(len(tokenizer), width=32)
+    fixed = Contrastive(image_tower(), text, embed_dim=16, learn_temperature=False, projection="mlp")
+    assert not fixed.logit_scale.requires_grad
+    assert all(fixed.logit_scale is not p for g in decay_groups(fixed, 0.1) for p in g["params"])
+    before = fixed.logit_scale.item()
+    optimiser = torch.optim.AdamW([p for g in decay_groups(fixed, 0.1) for p in g["params"]], lr=0.1)
+    loss, _ = fixed.loss(class_batch(tokenizer))
+    loss.backward()
+    optimiser.step()
+    assert fixed.logit_scale.item() == before
+    assert [type(m).__name__ for m in fixed.image_proj] == ["Linear", "GELU", "Linear"]
+    with pytest.raises(ValueError, match="unknown projection 'deep': choose from linear, mlp"):
+        make_projection("deep", 8, 4)
