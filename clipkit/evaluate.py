@@ -4,7 +4,7 @@ suite, write a JSON report and log it to MLflow (the checkpoint's own run by def
 from __future__ import annotations
 
 import json
-import logging
+import time
 from pathlib import Path
 
 import torch
@@ -13,9 +13,6 @@ from omegaconf import DictConfig, OmegaConf
 
 from clipkit.errors import DataError
 from clipkit.tokenization import StoredTokenizer
-
-log = logging.getLogger("clipkit")
-
 
 def load_checkpoint(path: str | Path) -> tuple[dict, DictConfig]:
     """(the Lightning checkpoint, the run's resolved config). Refuses checkpoints that cannot rebuild themselves."""
@@ -42,8 +39,7 @@ def datamodule(stored: DictConfig, data_cfg: DictConfig | None, tokenizer_json: 
     return instantiate(cfg, tokenizer=StoredTokenizer(tokenizer_json), _recursive_=False)
 
 
-def log_report(report: dict, metrics: dict[str, float], info: dict, mode: str, images_seen: int,
-               report_path: Path) -> str | None:
+def log_report(metrics: dict[str, float], info: dict, mode: str, images_seen: int, report_path: Path) -> str | None:
     """Log to the checkpoint's run (``checkpoint``) or a new run in its experiment (``new``); the run id."""
     if mode == "none":
         return None
@@ -60,8 +56,6 @@ def log_report(report: dict, metrics: dict[str, float], info: dict, mode: str, i
         run = client.create_run(experiment, run_name="eval", tags={"clipkit.kind": "evaluation",
                                                                    "clipkit.evaluated_run": info.get("run_id", "")})
         run_id = run.info.run_id
-    import time
-
     now = int(time.time() * 1000)
     items = [Metric(k, v, now, images_seen) for k, v in metrics.items()]
     for start in range(0, len(items), 500):
@@ -72,10 +66,10 @@ def log_report(report: dict, metrics: dict[str, float], info: dict, mode: str, i
     return run_id
 
 
-def run_eval(cfg: DictConfig, data_overrides: list[str]) -> dict:
+def run_eval(cfg: DictConfig, data_overrides: list[str], ckpt: dict, stored: DictConfig) -> dict:
+    """``ckpt``, ``stored``: :func:`load_checkpoint` of ``cfg.ckpt``."""
     from clipkit.evaluation.suite import evaluate, flat_metrics
 
-    ckpt, stored = load_checkpoint(cfg.ckpt)
     info = ckpt["clipkit"]
     data_cfg = cfg.get("data")
     if data_cfg is None and data_overrides:
@@ -93,7 +87,7 @@ def run_eval(cfg: DictConfig, data_overrides: list[str]) -> dict:
     out = Path(cfg.out) if cfg.out else Path(cfg.ckpt).with_suffix(".eval.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    result["mlflow_run"] = log_report(result, flat_metrics(report), info, cfg.mlflow, seen, out)
+    result["mlflow_run"] = log_report(flat_metrics(report), info, cfg.mlflow, seen, out)
     result["out"] = str(out)
     return result
 
@@ -134,13 +128,13 @@ def eval_main(args: list[str]) -> int:
                          "linear_probe,fewshot]] [data=NAME] [key=value ...]")
     cfg = compose_config(rest, config_name="eval")
     try:
-        ckpt_seed = load_checkpoint(cfg.ckpt)[1].get("seed")
+        ckpt, stored = load_checkpoint(cfg.ckpt)
     except (FileNotFoundError, ValueError) as err:
         raise UsageError(str(err)) from None
-    if cfg.seed is None:
-        cfg = compose_config([f"seed={ckpt_seed}", *rest], config_name="eval")
+    if cfg.seed is None:  # generated held-out sets follow the checkpoint's seed unless told otherwise
+        cfg = compose_config([f"seed={stored.get('seed')}", *rest], config_name="eval")
     try:
-        result = run_eval(cfg, data_overrides)
+        result = run_eval(cfg, data_overrides, ckpt, stored)
     except (DataError, ValueError) as err:
         raise UsageError(str(err)) from None
     print(summary(result), flush=True)
