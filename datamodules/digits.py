@@ -81,13 +81,17 @@ class DigitsDataModule(CaptionDataModule):
 
     def probe_sets(self) -> list[ProbeSet]:
         """Probe training images: the training scans; test: the held-out scans of the zero-shot set."""
-        transform, train = self.eval_transform(), np.flatnonzero(~self.held_out)
-        images = self.normalize(torch.stack([transform(_rgb(self.images[i])) for i in train]))
+        train = np.flatnonzero(~self.held_out)
         zs = self.zeroshot_sets()[0]
-        return [ProbeSet("digits", images, torch.as_tensor(self.labels[train]), zs.images, zs.labels, zs.classnames)]
+        return [ProbeSet("digits", self._tensors(train), torch.as_tensor(self.labels[train]), zs.images, zs.labels,
+                         zs.classnames)]
+
+    def _tensors(self, indices: np.ndarray) -> torch.Tensor:
+        """Scans ``indices`` through the evaluation transform, normalised: ``[N, 3, H, W]``."""
+        transform = self.eval_transform()
+        return self.normalize(torch.stack([transform(_rgb(self.images[i])) for i in indices]))
 
     def own_zeroshot_sets(self) -> list[ZeroShotSet]:
-        transform, held = self.eval_transform(), np.flatnonzero(self.held_out)
-        images = torch.stack([transform(_rgb(self.images[i])) for i in held])
+        held = np.flatnonzero(self.held_out)
         prompts = class_prompts(self.tokenizer, WORDS, self.templates, self.context_length)
-        return [ZeroShotSet("digits", self.normalize(images), torch.as_tensor(self.labels[held]), WORDS, prompts)]
+        return [ZeroShotSet("digits", self._tensors(held), torch.as_tensor(self.labels[held]), WORDS, prompts)]

@@ -82,12 +82,17 @@ class SyntheticScenesDataModule(CaptionDataModule):
             out.append((self._render(scene), pair))
         return out
 
-    def _classification(self, name: str, split: str, shown_pairs, class_pairs) -> ZeroShotSet:
-        images, shown = zip(*self.single_objects(split, shown_pairs), strict=True)
+    def _labelled(self, split: str, shown_pairs, class_pairs, per_class: int | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(normalised images ``[N, 3, H, W]``, labels as indices into ``class_pairs``) of single objects."""
+        images, shown = zip(*self.single_objects(split, shown_pairs, per_class), strict=True)
         labels = torch.tensor([class_pairs.index(p) for p in shown])
+        return self.normalize(torch.stack([pil_to_tensor(im) for im in images])), labels
+
+    def _classification(self, name: str, split: str, shown_pairs, class_pairs) -> ZeroShotSet:
+        images, labels = self._labelled(split, shown_pairs, class_pairs)
         classnames = [f"{colour} {shape}" for colour, shape in class_pairs]
         prompts = class_prompts(self.tokenizer, classnames, self.templates, self.context_length)
-        images = self.normalize(torch.stack([pil_to_tensor(im) for im in images]))
         return ZeroShotSet(name, images, labels, classnames, prompts)
 
     def zeroshot_splits(self) -> list[tuple[str, str, list, list]]:
@@ -113,9 +118,7 @@ class SyntheticScenesDataModule(CaptionDataModule):
         """Probe training images: ``probe_per_class`` fresh single objects per trained pair; test: the
         ``scenes`` zero-shot set."""
         zs = next(z for z in self.zeroshot_sets() if z.name == "scenes")
-        images, shown = zip(*self.single_objects("probe", self.train_pairs, self.probe_per_class), strict=True)
-        labels = torch.tensor([self.train_pairs.index(p) for p in shown])
-        train = self.normalize(torch.stack([pil_to_tensor(im) for im in images]))
+        train, labels = self._labelled("probe", self.train_pairs, self.train_pairs, self.probe_per_class)
         return [ProbeSet("scenes", train, labels, zs.images, zs.labels, zs.classnames)]
 
     @cached_property

@@ -31,7 +31,6 @@ class CaptionLM(Objective):
         if "encoder_hidden_states" not in inspect.signature(self.decoder.forward).parameters:
             raise ValueError(f"{type(self.decoder).__name__} cannot attend to the image (no cross-attention): "
                              "use a decoder config that supports add_cross_attention, such as GPT2Config")
-        self.vocab_size = decoder.vocab_size
         self.image_proj = nn.Linear(image_tower.token_width, decoder.hidden_size, bias=False)
         self.score_batch = score_batch
         if grad_checkpointing:
