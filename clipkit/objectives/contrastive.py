@@ -8,21 +8,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipkit.objectives.base import Gather, Objective
+from clipkit.objectives.base import (Backward, Gather, Objective, rng_state, running_stats_kept, set_rng_state,
+                                     split_batch)
 
 
 def contrastive_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
                      all_image: torch.Tensor | None = None, all_text: torch.Tensor | None = None,
-                     rank: int = 0) -> torch.Tensor:
+                     rank: int = 0, local_loss: bool = True) -> torch.Tensor:
     """Symmetric cross-entropy of ``logit_scale * cos`` over the (global) batch.
 
     ``image``, ``text``: this process's normalised embeddings [B, D]. ``all_*``: the gathered batch
-    [world * B, D] (defaults to the local one). Each process scores only its own rows against every
-    column (the paper's sharded similarity, open_clip's ``local_loss``), so its positives sit at
-    ``rank * B + arange(B)``.
+    [world * B, D] (defaults to the local one). With ``local_loss`` each process scores only its own rows
+    against every column (the paper's sharded similarity: [B, world * B] logits), so its positives sit at
+    ``rank * B + arange(B)``; without it every process scores the whole [world * B, world * B] matrix.
+    Either way, once DDP averages gradients they equal one process's on the global batch: the gather's
+    backward sums every rank's share into each rank's own rows.
     """
     all_image = image if all_image is None else all_image
     all_text = text if all_text is None else all_text
+    if not local_loss:
+        image, text, rank = all_image, all_text, 0
     labels = torch.arange(image.shape[0], device=image.device) + rank * image.shape[0]
     logits_per_image = logit_scale * image @ all_text.T  # [B, world * B]
     logits_per_text = logit_scale * text @ all_image.T
@@ -47,11 +52,14 @@ class Contrastive(Objective):
     The temperature is log-parameterised and initialised to 0.07 (logit scale ln(1/0.07) ≈ 2.659);
     ``after_optimizer_step`` clamps it in place so logits are never scaled by more than ``max_logit_scale``,
     as in the paper and open_clip (clamping in the forward pass would stop its gradient instead).
+    ``local_loss`` (default, the paper's) scores each process's rows against the gathered batch.
     """
+
+    batch_coupled = True  # every sample is every other's negative: see accumulated_backward
 
     def __init__(self, image_tower: nn.Module, text_tower: nn.Module, embed_dim: int = 128,
                  init_temperature: float = 0.07, max_logit_scale: float = 100.0, learn_temperature: bool = True,
-                 projection: str = "linear") -> None:
+                 projection: str = "linear", local_loss: bool = True) -> None:
         super().__init__()
         self.image_tower = image_tower
         self.text_tower = text_tower
@@ -60,6 +68,7 @@ class Contrastive(Objective):
         # learn_temperature=False keeps it at init_temperature: the ablation the paper argues against
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)), requires_grad=learn_temperature)
         self.max_log_scale = math.log(max_logit_scale)
+        self.local_loss = local_loss
 
     @property
     def arm(self) -> str:
@@ -71,16 +80,56 @@ class Contrastive(Objective):
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.text_proj(self.text_tower(input_ids, attention_mask)), dim=-1)
 
-    def loss(self, batch, gather: Gather | None = None):
-        image = self.encode_image(batch["images"])
-        text = self.encode_text(batch["input_ids"], batch["attention_mask"])
+    def embed(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, D]`` normalised image and text embeddings of a batch."""
+        return self.encode_image(batch["images"]), self.encode_text(batch["input_ids"], batch["attention_mask"])
+
+    def loss_of_embeddings(self, image: torch.Tensor, text: torch.Tensor, gather: Gather | None = None):
         scale = self.logit_scale.exp()
         if gather is None:
             loss = contrastive_loss(image, text, scale)
         else:
             rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
-            loss = contrastive_loss(image, text, scale, gather(image), gather(text), rank)
+            loss = contrastive_loss(image, text, scale, gather(image), gather(text), rank, self.local_loss)
         return loss, {"logit_scale": scale.detach(), "temperature": 1.0 / scale.detach()}
+
+    def loss(self, batch, gather: Gather | None = None):
+        return self.loss_of_embeddings(*self.embed(batch), gather)
+
+    def accumulated_backward(self, batch, chunks: int, backward: Backward, gather: Gather | None = None):
+        """Gradients of the loss over the whole batch, holding the activations of one chunk at a time (GradCache).
+
+        A no-grad pass caches every chunk's embeddings; the loss over the cached batch gives the gradient with
+        respect to each embedding (and the temperature); each chunk is then recomputed with grad and
+        backpropagates ``sum(embedding * its gradient)``, which by the chain rule adds exactly its share of the
+        full-batch gradient. The RNG state of the first pass is replayed, so dropout masks agree, and batch-norm
+        running statistics are updated by the second pass only. Batch norm itself normalises each micro-batch
+        by its own statistics (as DDP does per process), so only towers without it (the paper's ViT, layer norm
+        throughout) give exactly the full batch's gradients.
+        """
+        parts = split_batch(batch, chunks)
+        states, images, texts = [], [], []
+        with torch.no_grad(), running_stats_kept(self):
+            for part in parts:
+                states.append(rng_state())
+                image, text = self.embed(part)
+                images.append(image)
+                texts.append(text)
+        image, text = torch.cat(images).float().requires_grad_(), torch.cat(texts).float().requires_grad_()
+        loss, logs = self.loss_of_embeddings(image, text, gather)
+        wrt = [image, text] + ([self.logit_scale] if self.logit_scale.requires_grad else [])
+        grads = torch.autograd.grad(loss, wrt)
+        sizes = [len(x) for x in images]
+        image_grads, text_grads = grads[0].split(sizes), grads[1].split(sizes)
+        with torch.random.fork_rng(devices=[]):  # leaves the generators as one pass would; CUDA's is set below
+            for i, part in enumerate(parts):
+                set_rng_state(states[i])
+                image, text = self.embed(part)
+                surrogate = (image * image_grads[i]).sum() + (text * text_grads[i]).sum()
+                if i == len(parts) - 1 and len(grads) == 3:
+                    surrogate = surrogate + self.logit_scale * grads[2]  # the temperature's gradient, once
+                backward(surrogate)
+        return loss.detach(), logs
 
     def class_embeddings(self, prompts: dict[str, torch.Tensor]) -> torch.Tensor:
         """``[C, T, L]`` prompts -> ``[C, D]``: mean of normalised prompt embeddings, renormalised (ensembling)."""

@@ -1,0 +1,47 @@
+"""Two real DDP processes (gloo, CPU) give the loss and gradients of one process on the same global batch."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from clipkit.cli import compose_config
+from tests.conftest import TINY
+
+# The paper's ViT (layer norm only: batch norm would make each rank normalise by its own statistics), in
+# float64 so that 1e-5 measures the algorithm, not float32 rounding of sums over the batch.
+OVERRIDES = [o for o in TINY if not o.startswith(("callbacks.", "trainer.log_every"))] + [
+    "data.supersample=1", "model/image=vit_tiny", "precision=64-true"]
+WORKER = Path(__file__).with_name("ddp_worker.py")
+
+
+@pytest.fixture(scope="module")
+def ddp_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
+           str(out), *OVERRIDES, f"paths.output_dir={out}/run"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=out)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out
+
+
+@pytest.mark.parametrize("variant,overrides", [("local_loss", ["objective.local_loss=true"]),
+                                               ("global_loss", ["objective.local_loss=false"]),
+                                               ("accumulate", ["accumulate=2"])])
+def test_two_process_ddp_matches_one_process_on_the_global_batch(ddp_results, variant, overrides, tmp_path):
+    result = torch.load(ddp_results / f"{variant}.pt")
+    assert result["world"] == 2
+    module = instantiate(compose_config([*OVERRIDES, *overrides, f"paths.output_dir={tmp_path}", "~logger"]).module)
+    module.double().load_state_dict(result["initial"])
+    batch = {k: v.double() if v.is_floating_point() else v for k, v in result["batch"].items()}
+    loss, _ = module.objective.loss(batch)  # one process, all 8 samples, no gather
+    loss.backward()
+    expected = {n: p.grad for n, p in module.named_parameters() if p.grad is not None}
+
+    assert result["loss"] == pytest.approx(loss.item(), abs=1e-5)
+    assert set(result["grads"]) == set(expected)  # every parameter, the temperature included
+    for name, grad in expected.items():
+        torch.testing.assert_close(result["grads"][name], grad, atol=1e-5, rtol=0, msg=name)
