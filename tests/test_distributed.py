@@ -1,5 +1,7 @@
 """Two real DDP processes (gloo, CPU) give the loss and gradients of one process on the same global batch."""
 
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -23,8 +25,14 @@ def ddp_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
            str(out), *OVERRIDES, f"paths.output_dir={out}/run"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=out)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=out,
+                                start_new_session=True)
+    try:
+        log, _ = launcher.communicate(timeout=300)
+    finally:  # a hung rendezvous must not leave workers behind
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    assert launcher.returncode == 0, log[-5000:]
     return out
 
 

@@ -115,7 +115,9 @@ class Contrastive(Objective):
                 image, text = self.embed(part)
                 images.append(image)
                 texts.append(text)
-        image, text = torch.cat(images).float().requires_grad_(), torch.cat(texts).float().requires_grad_()
+        # the loss over the cached batch in at least float32, as autocast computes it
+        image, text = (torch.cat(x).to(torch.promote_types(x[0].dtype, torch.float32)).requires_grad_()
+                       for x in (images, texts))
         loss, logs = self.loss_of_embeddings(image, text, gather)
         wrt = [image, text] + ([self.logit_scale] if self.logit_scale.requires_grad else [])
         grads = torch.autograd.grad(loss, wrt)
