@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -160,7 +161,8 @@ def _fit_task(cfg: DictConfig) -> None:
         raise SystemExit(f"clipkit: error: {type(cause).__name__}: {cause}") from None
     except DataError as err:
         raise SystemExit(f"clipkit: error: {_one_line(err)}") from None
-    print_summary(result)
+    if result.global_rank == 0:  # every DDP rank trains; one reports
+        print_summary(result)
 
 
 def print_summary(result) -> None:
@@ -242,6 +244,10 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0
+    if argv[0] not in COMMANDS and os.environ.get("LOCAL_RANK") and not os.environ.get("TORCHELASTIC_RUN_ID"):
+        # Lightning's DDP launcher restarts `python -m clipkit` with Hydra's argv (the overrides, without the
+        # sub-command) for each further local rank
+        argv = ["fit", *argv]
     command, rest = argv[0], argv[1:]
     try:
         if command not in COMMANDS:

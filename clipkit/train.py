@@ -30,6 +30,7 @@ class FitResult:
     experiment_id: str | None = None
     tracking_uri: str | None = None
     checkpoint: str | None = None
+    global_rank: int = 0
 
 
 def check_vocabulary(tokenizer, module: L.LightningModule) -> None:
@@ -92,7 +93,8 @@ def fit(cfg: DictConfig, preset: str | None = None) -> FitResult:
     eval_seconds = sum(getattr(c, "seconds", 0.0) for c in callbacks)
     seen = int(module.images_seen)
     result = FitResult(metrics={k: float(v) for k, v in trainer.callback_metrics.items()}, images_seen=seen,
-                       seconds=seconds, train_images_per_second=seen / max(seconds - eval_seconds, 1e-9))
+                       seconds=seconds, train_images_per_second=seen / max(seconds - eval_seconds, 1e-9),
+                       global_rank=trainer.global_rank)
     for logger in trainer.loggers:
         if isinstance(logger, MLFlowLogger):
             logger.log_metrics({"throughput/train_images_per_second": result.train_images_per_second,

@@ -53,3 +53,22 @@ def test_two_process_ddp_matches_one_process_on_the_global_batch(ddp_results, va
     assert set(result["grads"]) == set(expected)  # every parameter, the temperature included
     for name, grad in expected.items():
         torch.testing.assert_close(result["grads"][name], grad, atol=1e-5, rtol=0, msg=name)
+
+
+@pytest.mark.slow
+def test_fit_with_trainer_ddp_from_the_command_line(isolated):
+    """Lightning relaunches `python -m clipkit` for rank 1; both train, one records and reports."""
+    import mlflow
+
+    cli = subprocess.run([sys.executable, "-m", "clipkit", "fit", *OVERRIDES, *CLI_EXTRA], capture_output=True,
+                         text=True, timeout=300)
+    assert cli.returncode == 0, cli.stderr[-3000:]
+    assert cli.stdout.count("clipkit fit finished") == 1
+    runs = mlflow.MlflowClient(tracking_uri=f"sqlite:///{isolated}/mlflow.db").search_runs(["1"])
+    assert len(runs) == 1
+    assert runs[0].data.metrics["images_seen"] == 4 * 16 * 2  # steps × batch per process × processes
+    assert runs[0].data.params["trainer/strategy/_target_"] == "lightning.pytorch.strategies.DDPStrategy"
+
+
+CLI_EXTRA = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_steps=4",
+             "callbacks.zeroshot.every_n_steps=2", "logger.tracking_uri=sqlite:///mlflow.db"]

@@ -19,6 +19,16 @@ def create_timm_model(name: str, **kwargs) -> nn.Module:
     return timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
 
 
+def _blocks(stack: nn.Module):
+    """The blocks of a stack, looking through plain containers and stages that hold ``blocks``."""
+    for m in stack.children():
+        inner = m if type(m) in (nn.Sequential, nn.ModuleList) else getattr(m, "blocks", None)
+        if isinstance(inner, (nn.Sequential, nn.ModuleList)):
+            yield from _blocks(inner)
+        else:
+            yield m
+
+
 class ImageTower(nn.Module):
     """``images [B, 3, H, W] -> features [B, width]`` from timm's own pooling (cls token, avg or attention pool).
 
@@ -39,6 +49,13 @@ class ImageTower(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
+
+    def block_types(self) -> set[type[nn.Module]]:
+        """Classes of the backbone's repeated blocks (a ViT's ``blocks``, the blocks inside a CNN's stages):
+        FSDP's wrapping units."""
+        stacks = [getattr(self.model, name, None) for name in ("blocks", "stages")]
+        stacks += [getattr(self.model, f"layer{i}", None) for i in range(1, 5)]  # torchvision-style ResNets
+        return {type(block) for stack in stacks if stack is not None for block in _blocks(stack)}
 
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
         """The unpooled features as a sequence: a ViT's tokens, or a CNN's map flattened to ``[B, H*W, C]``."""

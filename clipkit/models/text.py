@@ -4,9 +4,20 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import AutoModel, PretrainedConfig
+from transformers import AutoModel, PretrainedConfig, PreTrainedModel
 
 POOLINGS = ("eos", "cls", "mean")
+
+
+def enable_activation_checkpointing(model: PreTrainedModel) -> None:
+    """transformers' own switch: each layer's activations are recomputed in the backward pass (non-reentrant
+    ``torch.utils.checkpoint``, PyTorch's recommended mode). ``gradient_checkpointing_enable`` is deprecated
+    in transformers 5 and goes away in v6."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 class TextTower(nn.Module):
@@ -28,7 +39,7 @@ class TextTower(nn.Module):
         self.width = config.hidden_size
         self.vocab_size = config.vocab_size
         if grad_checkpointing:
-            self.model.gradient_checkpointing_enable()
+            enable_activation_checkpointing(self.model)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, L, W]

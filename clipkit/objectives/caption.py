@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
+from clipkit.models.text import enable_activation_checkpointing
 from clipkit.objectives.base import Gather, Objective
 
 
@@ -34,7 +35,7 @@ class CaptionLM(Objective):
         self.image_proj = nn.Linear(image_tower.token_width, decoder.hidden_size, bias=False)
         self.score_batch = score_batch
         if grad_checkpointing:
-            self.decoder.gradient_checkpointing_enable()
+            enable_activation_checkpointing(self.decoder)
 
     @property
     def arm(self) -> str:
