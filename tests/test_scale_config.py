@@ -87,7 +87,7 @@ def test_fsdp_unit_classes_hold_no_whole_tower(tiny_cfg):
 
 
 def test_strategies_are_config(tiny_cfg):
-    ddp = instantiate(tiny_cfg("trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2").trainer)
+    ddp = instantiate(tiny_cfg("trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2").trainer, logger=False)
     assert isinstance(ddp.strategy, DDPStrategy) and ddp.world_size == 2
     fsdp = tiny_cfg("trainer=fsdp").trainer
     assert isinstance(instantiate(fsdp.strategy), BlockFSDP)
