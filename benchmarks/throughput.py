@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -38,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 from clipkit.cli import compose_config  # noqa: E402
 
 VOCAB, CONTEXT = 4096, 32
+PARAMS: dict[str, int] = {}  # parameter counts of the last speed row's two models: the same architecture?
 # name: (image size, patch, width, layers | text width, layers), heads = width / 64 as in CLIP
 ARCHS = {"ViT-S/8 64px + text 256x4": dict(image=64, patch=8, width=384, layers=6, text_width=256, text_layers=4),
          "ViT-B/32 224px + text 512x12": dict(image=224, patch=32, width=768, layers=12, text_width=512,
@@ -92,6 +95,7 @@ def clipkit_rate(arch: dict, batch: int, precision: str, steps: int, warmup: int
     trainer = instantiate(cfg.trainer, max_steps=warmup + steps, callbacks=[clock], logger=False)
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(Repeat(make_batch(arch, batch), warmup + steps),
                                                                       batch_size=None))
+    PARAMS["clipkit"] = sum(p.numel() for p in module.parameters())
     return steps * batch / (clock.ends[-1] - clock.ends[warmup - 1])
 
 
@@ -108,6 +112,7 @@ def open_clip_rate(arch: dict, batch: int, precision: str, steps: int, warmup: i
                            text_cfg=dict(context_length=CONTEXT, vocab_size=VOCAB, width=a["text_width"],
                                          heads=a["text_width"] // 64, layers=a["text_layers"]),
                            quick_gelu=True, output_dict=True).to(device)
+    PARAMS["open_clip"] = sum(p.numel() for p in model.parameters())
     exclude = [p for n, p in model.named_parameters() if p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n]
     include = [p for p in model.parameters() if all(p is not q for q in exclude)]
     optimizer = torch.optim.AdamW([{"params": exclude, "weight_decay": 0.0}, {"params": include, "weight_decay": 0.2}],
@@ -201,6 +206,8 @@ def main() -> None:
     parser.add_argument("--memory-row", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    logging.getLogger("lightning").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
     if args.memory_row:
         print(json.dumps(memory_row(json.loads(args.memory_row))))
         return
@@ -217,6 +224,8 @@ def main() -> None:
         theirs = open_clip_rate(small, batch, precision, args.steps, args.warmup)
         label = f"ViT-S/8 64px + text 256x4, batch {batch}, {precision}" + "".join(f", clipkit {e}" for e in extra)
         print(f"| samples/s | {label} | {ours:,.1f} | {theirs:,.1f} | {ours / theirs:.2f}x |", flush=True)
+    print(f"| parameters | ViT-S/8 64px + text 256x4 | {PARAMS['clipkit']:,} | {PARAMS['open_clip']:,} | "
+          f"{PARAMS['clipkit'] / PARAMS['open_clip']:.3f}x |")
     if args.quick:
         return
 

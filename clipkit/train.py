@@ -12,6 +12,7 @@ from pathlib import Path
 
 import lightning as L
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 from transformers import PreTrainedModel
 
@@ -78,7 +79,10 @@ def fit(cfg: DictConfig, preset: str | None = None) -> FitResult:
     module = instantiate(cfg.module)
     check_vocabulary(tokenizer, module)
     callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
-    loggers = [instantiate(cfg.logger, tags=run_tags(cfg, preset, module.objective.arm))] if cfg.get("logger") else []
+    # Only the first process records. Under torchrun or SLURM every rank runs this function at once, and merely
+    # creating an MLflow client opens (and, for sqlite, creates) the store: ranks would race on it.
+    records = cfg.get("logger") is not None and rank_zero_only.rank == 0
+    loggers = [instantiate(cfg.logger, tags=run_tags(cfg, preset, module.objective.arm))] if records else []
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     module.run_info = {"config": record.config_yaml, "tokenizer": tokenizer.backend_tokenizer.to_str()}
     for logger in trainer.loggers:  # fast_dev_run swaps loggers for a dummy

@@ -56,13 +56,16 @@ def test_two_process_ddp_matches_one_process_on_the_global_batch(ddp_results, va
 
 
 @pytest.mark.slow
-def test_fit_with_trainer_ddp_from_the_command_line(isolated):
-    """Lightning relaunches `python -m clipkit` for rank 1; both train, one records and reports."""
+@pytest.mark.parametrize("launcher", ["lightning", "torchrun"])
+def test_fit_with_trainer_ddp_from_the_command_line(isolated, launcher):
+    """Lightning relaunches `python -m clipkit` for rank 1, or torchrun starts both ranks at once (racing for
+    the MLflow store unless only rank 0 opens it); both train, one records and reports."""
     import mlflow
 
-    cli = subprocess.run([sys.executable, "-m", "clipkit", "fit", *OVERRIDES, *CLI_EXTRA], capture_output=True,
-                         text=True, timeout=300)
-    assert cli.returncode == 0, cli.stderr[-3000:]
+    start = [sys.executable, "-m", "clipkit"] if launcher == "lightning" else [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "clipkit"]
+    cli = subprocess.run([*start, "fit", *OVERRIDES, *CLI_EXTRA], capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 0, cli.stdout[-3000:] + cli.stderr[-3000:]
     assert cli.stdout.count("clipkit fit finished") == 1
     runs = mlflow.MlflowClient(tracking_uri=f"sqlite:///{isolated}/mlflow.db").search_runs(["1"])
     assert len(runs) == 1
@@ -71,4 +74,4 @@ def test_fit_with_trainer_ddp_from_the_command_line(isolated):
 
 
 CLI_EXTRA = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_steps=4",
-             "callbacks.zeroshot.every_n_steps=2", "logger.tracking_uri=sqlite:///mlflow.db"]
+             "callbacks.zeroshot.every_n_steps=2", "logger.tracking_uri=sqlite:///mlflow.db", "hydra.run.dir=outputs/ddp"]
