@@ -57,6 +57,8 @@ class ClipKitModule(L.LightningModule):
         self.warmup_steps = warmup_steps
         if accumulate < 1:
             raise ValueError(f"accumulate must be a positive number of micro-batches, not {accumulate}")
+        if accumulate > 1 and type(objective).accumulated_backward is Objective.accumulated_backward:
+            objective.accumulated_backward({}, accumulate, None)  # raises, naming what to use instead
         self.accumulate = accumulate
         self.automatic_optimization = accumulate == 1
         self.compile_parts = compile

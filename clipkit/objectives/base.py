@@ -22,7 +22,7 @@ def split_batch(batch: dict, chunks: int) -> list[dict]:
         raise ValueError(f"accumulate={chunks} cannot split a batch of {size} samples: use 1 to {size}")
     bounds = [round(i * size / chunks) for i in range(chunks + 1)]
     per_sample = {k for k, v in batch.items() if isinstance(v, (torch.Tensor, list)) and len(v) == size}
-    return [{k: v[a:b] if k in per_sample else v for k, v in batch.items()} for a, b in zip(bounds, bounds[1:])]
+    return [{k: v[a:b] if k in per_sample else v for k, v in batch.items()} for a, b in zip(bounds, bounds[1:], strict=False)]
 
 
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)

@@ -8,8 +8,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clipkit.objectives.base import (Backward, Gather, Objective, rng_state, running_stats_kept, set_rng_state,
-                                     split_batch)
+from clipkit.objectives.base import (
+    Backward,
+    Gather,
+    Objective,
+    rng_state,
+    running_stats_kept,
+    set_rng_state,
+    split_batch,
+)
 
 
 def contrastive_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor,
@@ -123,14 +130,13 @@ class Contrastive(Objective):
         grads = torch.autograd.grad(loss, wrt)
         sizes = [len(x) for x in images]
         image_grads, text_grads = grads[0].split(sizes), grads[1].split(sizes)
-        with torch.random.fork_rng(devices=[]):  # leaves the generators as one pass would; CUDA's is set below
-            for i, part in enumerate(parts):
-                set_rng_state(states[i])
-                image, text = self.embed(part)
-                surrogate = (image * image_grads[i]).sum() + (text * text_grads[i]).sum()
-                if i == len(parts) - 1 and len(grads) == 3:
-                    surrogate = surrogate + self.logit_scale * grads[2]  # the temperature's gradient, once
-                backward(surrogate)
+        for i, part in enumerate(parts):  # replaying the last chunk leaves the generators where one pass would
+            set_rng_state(states[i])
+            image, text = self.embed(part)
+            surrogate = (image * image_grads[i]).sum() + (text * text_grads[i]).sum()
+            if i == len(parts) - 1 and len(grads) == 3:
+                surrogate = surrogate + self.logit_scale * grads[2]  # the temperature's gradient, once
+            backward(surrogate)
         return loss.detach(), logs
 
     def class_embeddings(self, prompts: dict[str, torch.Tensor]) -> torch.Tensor:
