@@ -10,6 +10,7 @@ import logging
 from collections import Counter
 
 import lightning as L
+import torch
 
 from clipkit.errors import DataError
 from datamodules.decode import REPAIR_KINDS, SKIP_KINDS
@@ -19,8 +20,9 @@ log = logging.getLogger(__name__)
 
 class DataHealth(L.Callback):
     """``max_skip_ratio``: fraction of skipped samples (of all read) that stops the run, checked once
-    ``min_samples`` have been read, with an error naming the worst shards. Metrics, against images seen:
-    ``data/skipped/<kind>``, ``data/repaired/<kind>`` (cumulative, per process) and ``data/skip_ratio``."""
+    ``min_samples`` have been read, with an error naming the worst shards (each process checks what it read).
+    Metrics, against images seen: ``data/skipped/<kind>``, ``data/repaired/<kind>`` (cumulative, summed over
+    processes) and ``data/skip_ratio``."""
 
     def __init__(self, max_skip_ratio: float = 0.05, min_samples: int = 1000, log_every_n_steps: int = 50) -> None:
         self.max_skip_ratio, self.min_samples, self.log_every_n_steps = max_skip_ratio, min_samples, log_every_n_steps
@@ -58,16 +60,30 @@ class DataHealth(L.Callback):
                         f"callbacks.data_health.max_skip_ratio={self.max_skip_ratio:g}): {kinds}; "
                         f"worst shards: {worst}. Fix or drop those shards, or raise the ratio")
 
-    def metrics(self) -> dict[str, float]:
-        out = {f"data/skipped/{k}": float(n) for k, n in self.skipped.items()}
-        out.update({f"data/repaired/{k}": float(n) for k, n in self.repaired.items()})
-        out["data/skip_ratio"] = sum(self.skipped.values()) / max(self.read, 1)
+    def counts(self, trainer: L.Trainer | None = None, device=None) -> tuple[float, dict, dict]:
+        """Good samples, skips and repairs by kind, summed over the trainer's processes (a collective: every rank
+        calls it); this process's alone without a trainer."""
+        if trainer is None or trainer.world_size == 1:
+            return self.good, dict(self.skipped), dict(self.repaired)
+        local = [self.good, *(self.skipped[k] for k in SKIP_KINDS), *(self.repaired[k] for k in REPAIR_KINDS)]
+        total = trainer.strategy.reduce(torch.tensor(local, dtype=torch.float64, device=device), reduce_op="sum")
+        good, *rest = total.tolist()
+        skipped, repaired = rest[:len(SKIP_KINDS)], rest[len(SKIP_KINDS):]
+        return (good, {k: n for k, n in zip(SKIP_KINDS, skipped, strict=True) if n},
+                {k: n for k, n in zip(REPAIR_KINDS, repaired, strict=True) if n})
+
+    def metrics(self, trainer: L.Trainer | None = None, device=None) -> dict[str, float]:
+        good, skipped, repaired = self.counts(trainer, device)
+        out = {f"data/skipped/{k}": float(n) for k, n in skipped.items()}
+        out.update({f"data/repaired/{k}": float(n) for k, n in repaired.items()})
+        out["data/skip_ratio"] = sum(skipped.values()) / max(good + sum(skipped.values()), 1)
         return out
 
     def _log(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        metrics = self.metrics(trainer, pl_module.device)
         seen = int(getattr(pl_module, "images_seen", trainer.global_step))
         for logger in trainer.loggers:
-            logger.log_metrics({**self.metrics(), "images_seen": seen}, step=seen)
+            logger.log_metrics({**metrics, "images_seen": seen}, step=seen)
         self._dirty = False
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -76,11 +92,12 @@ class DataHealth(L.Callback):
             return
         self.update(stats)
         self.check()
-        if self._dirty and (trainer.global_step % self.log_every_n_steps == 0):
+        # with several processes every rank takes part in the sum, dirty or not
+        if (self._dirty or trainer.world_size > 1) and trainer.global_step % self.log_every_n_steps == 0:
             self._log(trainer, pl_module)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if self.read:
+        if self.read or trainer.world_size > 1:
             self._log(trainer, pl_module)
 
     def state_dict(self) -> dict:

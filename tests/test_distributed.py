@@ -75,3 +75,26 @@ def test_fit_with_trainer_ddp_from_the_command_line(isolated, launcher):
 
 CLI_EXTRA = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "trainer.max_steps=4",
              "callbacks.zeroshot.every_n_steps=2", "logger.tracking_uri=sqlite:///mlflow.db", "hydra.run.dir=outputs/ddp"]
+
+
+@pytest.mark.slow
+def test_bad_sample_counts_are_summed_over_processes(isolated):
+    """Each rank reads its own shard (in order, less than one pass: every bad sample sits in its first part);
+    MLflow gets the skips of both."""
+    import mlflow
+
+    from tests.datafiles import MAX_PIXELS, write_shards
+
+    _, skipped = write_shards(isolated / "shards", 2, good_per_shard=40)
+    assert len(set(skipped)) > 2
+    data = ["data=webdataset", f"data.shards={isolated / 'shards'}", f"data.max_image_pixels={MAX_PIXELS}",
+            "data.eval_folders=[]", "data.corpus_size=50", "callbacks.data_health.min_samples=10",
+            "callbacks.data_health.max_skip_ratio=0.5", "callbacks.data_health.log_every_n_steps=1",
+            "data.samples_per_epoch=64", "data.shuffle=false", "trainer.max_epochs=1"]
+    extra = [o for o in CLI_EXTRA if not o.startswith("trainer.max_steps")] + ["trainer.max_steps=100"]
+    shared = [o for o in OVERRIDES if not o.startswith("data.supersample")]  # a generated-data option
+    cli = subprocess.run([sys.executable, "-m", "clipkit", "fit", *shared, *extra, *data], capture_output=True,
+                         text=True, timeout=300)
+    assert cli.returncode == 0, cli.stdout[-3000:] + cli.stderr[-3000:]
+    (run,) = mlflow.MlflowClient(tracking_uri=f"sqlite:///{isolated}/mlflow.db").search_runs(["1"])
+    assert {k: run.data.metrics[f"data/skipped/{k}"] for k in skipped} == {k: float(n) for k, n in skipped.items()}
