@@ -13,6 +13,7 @@ from clipkit.objectives.base import running_stats_kept
 
 log = logging.getLogger(__name__)
 
+SHARDED = ("fsdp", "deepspeed")  # the objective cannot run outside the wrapper's forward
 COMPUTE_DTYPES = {"bf16": torch.bfloat16, "16": torch.float16, "64": torch.float64}
 
 
@@ -74,6 +75,10 @@ class ThroughputMonitor(L.Callback):
         self.start = None
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        strategy = getattr(trainer.strategy, "strategy_name", "")
+        if self.flops_per_sample is None and strategy in SHARDED:
+            log.info("FLOPs are not counted under %s (parameters are sharded): logging samples/s only", strategy)
+            self.flops_per_sample = 0.0
         if self.flops_per_sample is None:
             try:
                 with trainer.precision_plugin.forward_context():
