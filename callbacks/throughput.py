@@ -83,7 +83,7 @@ class ThroughputMonitor(L.Callback):
             try:
                 with trainer.precision_plugin.forward_context():
                     self.flops_per_sample = training_flops_per_sample(pl_module.objective, batch)
-            except Exception as err:  # counting must never stop training (sharded FSDP parameters, exotic ops)
+            except Exception as err:  # counting must never stop training (an op the counter cannot trace)
                 log.warning("FLOPs per sample could not be counted (%s): logging samples/s only", err)
                 self.flops_per_sample = 0.0
         if self.start is None:
