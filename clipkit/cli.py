@@ -178,6 +178,8 @@ def print_summary(result) -> None:
         lines.append("  browse it: python -m clipkit ui")
     if result.checkpoint:
         lines.append(f"  checkpoint: {result.checkpoint}")
+    if result.weights:
+        lines.append(f"  weights:    {result.weights} (safetensors, with its config and tokenizer)")
     print("\n".join(lines), flush=True)
 
 

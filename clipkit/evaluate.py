@@ -13,13 +13,12 @@ from omegaconf import DictConfig, OmegaConf
 
 from clipkit.errors import DataError
 from clipkit.tokenization import StoredTokenizer
+from clipkit.weights import read_weights
 
 def load_checkpoint(path: str | Path) -> tuple[dict, DictConfig]:
-    """(the Lightning checkpoint, the run's resolved config). Refuses checkpoints that cannot rebuild themselves."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    """(the checkpoint or exported weights, the run's resolved config). Refuses files that cannot rebuild
+    themselves, and checkpoints that would unpickle code."""
+    ckpt = read_weights(path)
     info = ckpt.get("clipkit") or {}
     if "config" not in info or "tokenizer" not in info:
         raise ValueError(f"{path} was not written by clipkit fit (it carries no config and tokenizer)")

@@ -31,6 +31,7 @@ class FitResult:
     experiment_id: str | None = None
     tracking_uri: str | None = None
     checkpoint: str | None = None
+    weights: str | None = None  # model.safetensors, self-describing (clipkit eval ckpt=... reads it)
     global_rank: int = 0
 
 
@@ -105,6 +106,7 @@ def fit(cfg: DictConfig, preset: str | None = None) -> FitResult:
                                 "images_seen": seen})
             result.run_id, result.experiment_id = logger.run_id, logger.experiment_id
             result.tracking_uri = logger._tracking_uri
+    result.weights = next((c.exported for c in callbacks if getattr(c, "exported", None)), None)
     last = trainer.checkpoint_callback.last_model_path if trainer.checkpoint_callback else ""
     result.checkpoint = last if last and Path(last).exists() else None
     return result

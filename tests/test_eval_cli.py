@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import mlflow
 import pytest
@@ -54,8 +55,33 @@ def test_eval_on_other_data_keeps_the_checkpoints_tokenizer(trained, isolated):
 
 
 def test_checkpoint_carries_its_config_and_tokenizer(trained):
-    info = torch.load(trained.checkpoint, map_location="cpu", weights_only=False)["clipkit"]
+    info = torch.load(trained.checkpoint, map_location="cpu", weights_only=True)["clipkit"]  # no pickled code
     assert "objective:" in info["config"] and '"model"' in info["tokenizer"] and info["run_id"] == trained.run_id
+
+
+def test_final_weights_are_self_describing_safetensors(trained, isolated):
+    assert trained.weights.endswith("model.safetensors")
+    out = isolated / "from_weights.json"
+    assert main(["eval", f"ckpt={trained.weights}", "tasks=[zeroshot]", f"out={out}", "mlflow=none"]) == 0
+    report = json.loads(out.read_text())
+    assert report["run_id"] == trained.run_id and report["images_seen"] == 64
+    assert report["tasks"]["zeroshot"]["scenes"]["top1"] == pytest.approx(trained.metrics["zeroshot/scenes/top1"])
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{isolated}/mlflow.db")
+    assert "model.safetensors" in {a.path for a in client.list_artifacts(trained.run_id)}
+
+
+class Payload:
+    """Stands for any object whose unpickling would run code."""
+
+
+def test_a_checkpoint_that_would_unpickle_code_is_refused(trained, isolated, capsys):
+    ckpt = torch.load(trained.checkpoint, map_location="cpu", weights_only=True)
+    ckpt["extra"] = Payload()
+    torch.save(ckpt, isolated / "tampered.ckpt")
+    assert main(["eval", f"ckpt={isolated / 'tampered.ckpt'}", "mlflow=none"]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.fullmatch(r"clipkit: error: refusing to load \S*tampered.ckpt: it holds pickled Python objects "
+                        r"\((tests\.)?test_eval_cli\.Payload\), which could run code when loaded; .*", last), last
 
 
 @pytest.mark.parametrize("args,message", [
