@@ -21,7 +21,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import ConfigCompositionException, HydraException, InstantiationException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 
-from clipkit.errors import DataError
+from clipkit.errors import DataError, TrainingDiverged
 from clipkit.tracking import REPO_ROOT, runs_url
 
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")
@@ -161,6 +161,8 @@ def _fit_task(cfg: DictConfig) -> None:
         raise SystemExit(f"clipkit: error: {type(cause).__name__}: {cause}") from None
     except DataError as err:
         raise SystemExit(f"clipkit: error: {_one_line(err)}") from None
+    except TrainingDiverged as err:
+        raise SystemExit(f"clipkit: error: {err}") from None
     if result.global_rank == 0:  # every DDP rank trains; one reports
         print_summary(result)
 

@@ -3,3 +3,7 @@
 
 class DataError(Exception):
     """Bad data: a missing path, an empty or all-bad source, too many bad samples."""
+
+
+class TrainingDiverged(Exception):
+    """The loss or gradients stayed non-finite for too many optimiser steps in a row."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from contextlib import nullcontext
 
@@ -10,7 +11,10 @@ import torch
 from torch import nn
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 
+from clipkit.errors import TrainingDiverged
 from clipkit.objectives import Objective
+
+log = logging.getLogger(__name__)
 
 
 def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -45,11 +49,15 @@ class ClipKitModule(L.LightningModule):
     its gradients stay those of the whole batch, only peak memory shrinks. It runs under Lightning's manual
     optimisation, which takes the k backward passes. ``compile=True`` compiles each part of the objective
     (towers, projections) with ``torch.compile`` in place, so checkpoints keep their parameter names.
+
+    A step whose gradients hold a NaN or an infinity (on any process) is skipped: the parameters and the optimiser
+    state stay as they were, and ``train/nonfinite_steps`` counts it; ``max_nonfinite_steps`` in a row stop the run
+    with :class:`~clipkit.errors.TrainingDiverged`, the last checkpoint still holding good weights.
     """
 
     def __init__(self, objective: Objective, optimizer: Callable[..., torch.optim.Optimizer],
                  weight_decay: float = 0.2, warmup_steps: int = 2000, accumulate: int = 1,
-                 compile: bool = False) -> None:
+                 compile: bool = False, max_nonfinite_steps: int = 20) -> None:
         super().__init__()
         self.objective = objective
         self.optimizer_factory = optimizer
@@ -62,12 +70,18 @@ class ClipKitModule(L.LightningModule):
         self.accumulate = accumulate
         self.automatic_optimization = accumulate == 1
         self.compile_parts = compile
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self.nonfinite_steps = self.nonfinite_in_a_row = 0
         self.register_buffer("images_seen", torch.zeros((), dtype=torch.long), persistent=True)
         self.run_info: dict = {}  # set by fit(): resolved config, tokenizer, MLflow run; saved in every checkpoint
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # a checkpoint rebuilds its model and tokenizer by itself (clipkit eval), wherever it is copied to
         checkpoint["clipkit"] = self.run_info
+        checkpoint["nonfinite_steps"] = self.nonfinite_steps
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.nonfinite_steps = checkpoint.get("nonfinite_steps", 0)
 
     def _gather(self, x: torch.Tensor) -> torch.Tensor:
         # Lightning's default sync_grads=False would detach the other ranks' negatives.
@@ -96,7 +110,30 @@ class ClipKitModule(L.LightningModule):
         self.log_dict({f"train/{k}": v for k, v in logs.items()})
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
         self.log("images_seen", self.images_seen.float(), prog_bar=True)
+        self.log("train/nonfinite_steps", float(self.nonfinite_steps))
         return loss
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """The NaN/Inf guard. Dropping every gradient makes the optimiser leave each parameter and its state alone
+        (AdamW and SGD skip parameters without one); under 16-mixed the grad scaler skips such steps anyway."""
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        finite = not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+        if not self.trainer.strategy.reduce_boolean_decision(not finite, all=False):  # every rank decides alike
+            self.nonfinite_in_a_row = 0
+            return
+        for p in self.parameters():
+            p.grad = None
+        self.nonfinite_steps += 1
+        self.nonfinite_in_a_row += 1
+        if self.nonfinite_in_a_row == 1:
+            log.warning("step %d: non-finite gradients, step skipped (counted as train/nonfinite_steps)",
+                        self.trainer.global_step)
+        if self.nonfinite_in_a_row >= self.max_nonfinite_steps:
+            last = getattr(self.trainer.checkpoint_callback, "last_model_path", "") or "none written yet"
+            raise TrainingDiverged(
+                f"the loss or gradients were non-finite for {self.nonfinite_in_a_row} steps in a row (up to step "
+                f"{self.trainer.global_step}, {self.nonfinite_steps} in all): lower module.optimizer.lr, lengthen "
+                f"module.warmup_steps, or use precision=bf16-mixed rather than 16-mixed; last checkpoint: {last}")
 
     def _accumulated_step(self, batch, gather):
         """One optimiser step over ``batch`` in ``accumulate`` backward passes (Lightning's manual optimisation:
