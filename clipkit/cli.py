@@ -132,7 +132,14 @@ def preflight(args: list[str]) -> None:
             hint = (" (a value with braces must be quoted for Hydra, inside shell quotes: "
                     "\"data.shards='/data/{00000..00331}.tar'\")")
         raise UsageError(str(err).splitlines()[0] + hint) from None
-    compose_config(first_job)
+    cfg = compose_config(first_job)
+    if cfg.get("logger") is not None:
+        from clipkit.tracking import check_tracking_server
+
+        try:
+            check_tracking_server(str(cfg.logger.tracking_uri))
+        except ConnectionError as err:
+            raise UsageError(str(err)) from None
 
 
 def _root_cause(err: BaseException) -> BaseException:

@@ -105,3 +105,19 @@ class RunRecord:
 def runs_url(host: str, port: int, experiment_id: str) -> str:
     """The training-runs table (MLflow 3 opens an experiment on its GenAI overview otherwise)."""
     return f"http://{host}:{port}/#/experiments/{experiment_id}/runs"
+
+
+def check_tracking_server(uri: str, timeout: float = 5.0) -> None:
+    """An http(s) tracking URI must answer ``/health`` now: MLflow's client would otherwise retry for minutes
+    once training has started. Local stores (sqlite, files) need no check."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise ConnectionError(f"MLflow server {uri} does not answer ({reason}): start it (python -m clipkit ui) or "
+                              f"log locally with logger.tracking_uri=sqlite:///mlflow.db") from None

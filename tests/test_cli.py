@@ -27,6 +27,8 @@ def test_help_lists_the_commands(capsys):
     (["fit", "trainer.max_stepz=3"], "unknown config key 'trainer.max_stepz': did you mean trainer.max_steps?"),
     (["fit", "model/image=vit_huge_nonexistent"], "unknown model/image choice 'vit_huge_nonexistent'"),
     (["fti"], "unknown command 'fti': did you mean fit?"),
+    (["fit", "logger.tracking_uri=http://127.0.0.1:9"],  # nothing listens on port 9: refused at once
+     "MLflow server http://127.0.0.1:9 does not answer"),
 ])
 def test_mistakes_get_one_line_that_names_them(capsys, args, message):
     assert main(args) == 2
@@ -58,6 +60,15 @@ def test_unknown_backbone_value_is_one_line_at_run_time(isolated):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("clipkit: error: ValueError: unknown image backbone 'vit_tiy_patch16_224'")
     assert "did you mean vit_tiny_patch16_224" in last
+
+
+def test_image_size_that_the_patch_size_does_not_divide_is_refused(isolated):
+    """timm would silently drop the last 2 pixel rows and columns of a 50 px image cut into 8 px patches."""
+    proc = run_cli("fit", "debug=fdr", "model/image=vit_tiny", "data.image_size=50", "~logger")
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "clipkit: error: ValueError: image size 50 is not a multiple of the patch size 8: the last 2 pixel rows "
+        "and columns would be dropped; use data.image_size=48 or 56, or another patch size")
 
 
 @pytest.mark.slow

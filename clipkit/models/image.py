@@ -19,6 +19,18 @@ def create_timm_model(name: str, **kwargs) -> nn.Module:
     return timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
 
 
+def check_patch_grid(model: nn.Module) -> None:
+    """A ViT whose image size is not a multiple of its patch size silently drops the last pixels (timm's strided
+    patch convolution); refuse it in one line."""
+    embed = getattr(model, "patch_embed", None)
+    size, patch = getattr(embed, "img_size", None), getattr(embed, "patch_size", None)
+    if not size or not patch or all(s % p == 0 for s, p in zip(size, patch, strict=True)):
+        return
+    s, p = size[0], patch[0]
+    raise ValueError(f"image size {s} is not a multiple of the patch size {p}: the last {s % p} pixel rows and columns "
+                     f"would be dropped; use data.image_size={s - s % p} or {s - s % p + p}, or another patch size")
+
+
 def _blocks(stack: nn.Module):
     """The blocks of a stack, looking through plain containers and stages that hold ``blocks``."""
     for m in stack.children():
@@ -41,6 +53,7 @@ class ImageTower(nn.Module):
         super().__init__()
         self.name = name
         self.model = create_timm_model(name, **kwargs)
+        check_patch_grid(self.model)
         # an attention-pool head (CLIP's ResNets) may pool to another width than the feature map's
         self.width = getattr(self.model, "head_hidden_size", None) or self.model.num_features
         self.token_width = self.model.num_features
