@@ -18,8 +18,8 @@ class ZeroShotEvaluation(L.Callback):
     """Every ``every_n_steps`` optimiser steps and at the end of training, score the held-out sets that the
     datamodule offers (``zeroshot_sets()``, ``retrieval_sets()``) through ``objective.zero_shot_logits``.
 
-    Logs ``zeroshot/<set>/top1|top5`` and ``retrieval/<set>/image_to_text_r1|r5`` (and text_to_image)
-    against images seen. Works for any objective: it never asks which one it is scoring.
+    Logs ``zeroshot/<set>/top1|top5``, ``zeroshot/mean_top1`` (over the sets: what the best checkpoint is kept
+    by) and ``retrieval/<set>/image_to_text_r1|r5`` (and text_to_image) against images seen. Works for any objective: it never asks which one it is scoring.
     """
 
     def __init__(self, every_n_steps: int = 250, batch_size: int = 512) -> None:
@@ -58,6 +58,9 @@ class ZeroShotEvaluation(L.Callback):
                                           ("text_to_image", scores.T, rs.positives.T)):
                     metrics.update({f"retrieval/{rs.name}/{direction}_{k}": v for k, v in recall_at_k(s, pos).items()})
         objective.train(was_training)
+        top1 = [v for k, v in metrics.items() if k.startswith("zeroshot/") and k.endswith("/top1")]
+        if top1:  # one number to keep the best checkpoint by (callbacks.best)
+            metrics["zeroshot/mean_top1"] = sum(top1) / len(top1)
         seen = int(pl_module.images_seen)
         for logger in trainer.loggers:
             logger.log_metrics({**metrics, "images_seen": seen}, step=seen)

@@ -1,0 +1,42 @@
+"""Checkpoints: written atomically, the last few kept every N steps, and the best by zero-shot accuracy."""
+
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+import clipkit.checkpoint_io as checkpoint_io
+from clipkit.checkpoint_io import AtomicCheckpointIO
+from clipkit.train import fit
+
+
+def test_a_crash_mid_write_leaves_the_previous_checkpoint_intact(tmp_path, monkeypatch):
+    path = tmp_path / "ckpt" / "last.ckpt"
+    io = AtomicCheckpointIO()
+    io.save_checkpoint({"step": 1, "w": torch.ones(3)}, path)
+    before = path.read_bytes()
+
+    def crash(obj, f):
+        f.write(b"half a checkpoint")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(checkpoint_io.torch, "save", crash)
+    with pytest.raises(OSError, match="No space left"):
+        io.save_checkpoint({"step": 2, "w": torch.zeros(3)}, path)
+    assert path.read_bytes() == before
+    assert list(path.parent.iterdir()) == [path]  # no temporary file left behind
+    assert torch.load(path, weights_only=True)["step"] == 1
+
+
+def test_the_last_k_periodic_checkpoints_and_the_best_by_zero_shot_are_kept(tiny_cfg, isolated):
+    result = fit(tiny_cfg("trainer.max_steps=8", "callbacks.checkpoint.every_n_train_steps=2",
+                          "callbacks.checkpoint.save_top_k=2", "callbacks.zeroshot.every_n_steps=2"))
+    folder = Path(result.checkpoint).parent
+    assert sorted(p.name for p in folder.iterdir()) == ["best.ckpt", "last.ckpt", "step0000006.ckpt",
+                                                        "step0000008.ckpt"]
+    history = mlflow.MlflowClient(result.tracking_uri).get_metric_history(result.run_id, "zeroshot/mean_top1")
+    assert [m.step for m in history] == [32, 64, 96, 128]  # images seen at steps 2, 4, 6, 8
+    best = max(history, key=lambda m: m.value)
+    saved = torch.load(folder / "best.ckpt", weights_only=True)
+    assert saved["global_step"] * 16 == best.step  # the weights of the best evaluation, not the last
