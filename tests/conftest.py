@@ -21,6 +21,15 @@ TINY = [
 ]
 
 
+def random_batch(size: int, length: int = 12, seed: int = 0, dtype=torch.float32, vocab: int = 100) -> dict:
+    """A training batch of 32 px noise images and random captions of random lengths (padded with id 0), the same
+    for the same arguments in every process."""
+    g = torch.Generator().manual_seed(seed)
+    mask = (torch.arange(length) < torch.randint(3, length + 1, (size, 1), generator=g)).long()
+    return {"images": torch.randn(size, 3, 32, 32, generator=g, dtype=dtype),
+            "input_ids": torch.randint(3, vocab, (size, length), generator=g) * mask, "attention_mask": mask}
+
+
 @pytest.fixture(autouse=True)
 def isolated(tmp_path, monkeypatch):
     """Run in ``tmp_path``: the sqlite store (relative path) and outputs land there, not in the repo."""

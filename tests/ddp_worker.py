@@ -17,18 +17,11 @@ from hydra.utils import instantiate
 from torch.utils.data import DataLoader
 
 from clipkit.cli import compose_config
+from tests.conftest import random_batch
 
 VARIANTS = {"local_loss": ["objective.local_loss=true"], "global_loss": ["objective.local_loss=false"],
             "accumulate": ["objective.local_loss=true", "accumulate=2"]}
-GLOBAL_BATCH, LENGTH = 8, 12
-
-
-def global_batch(vocab: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(1)
-    mask = (torch.arange(LENGTH) < torch.randint(4, LENGTH + 1, (GLOBAL_BATCH, 1), generator=g)).long()
-    return {"images": torch.randn(GLOBAL_BATCH, 3, 32, 32, generator=g),
-            "input_ids": torch.randint(3, vocab, (GLOBAL_BATCH, LENGTH), generator=g) * mask,
-            "attention_mask": mask}
+GLOBAL_BATCH = 8
 
 
 class Capture(L.Callback):
@@ -52,7 +45,7 @@ def main(out: Path, overrides: list[str]) -> None:
         torch.manual_seed(0)
         module = instantiate(cfg.module)
         initial = {k: v.clone() for k, v in module.state_dict().items()}
-        batch = global_batch(cfg.model.text.config.vocab_size)
+        batch = random_batch(GLOBAL_BATCH, seed=1, vocab=cfg.model.text.config.vocab_size)
         capture = Capture()
         trainer = instantiate(cfg.trainer, callbacks=[capture], logger=False, use_distributed_sampler=False)
         rank, world = trainer.global_rank, trainer.world_size

@@ -7,13 +7,7 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 
 from clipkit.objectives.base import split_batch
-
-
-def batch_of(size: int, vocab: int = 100, length: int = 12, dtype=torch.float32) -> dict:
-    g = torch.Generator().manual_seed(size)
-    mask = (torch.arange(length) < torch.randint(3, length + 1, (size, 1), generator=g)).long()
-    return {"images": torch.randn(size, 3, 32, 32, generator=g, dtype=dtype),
-            "input_ids": torch.randint(3, vocab, (size, length), generator=g) * mask, "attention_mask": mask}
+from tests.conftest import random_batch
 
 
 def gradients(objective) -> dict[str, torch.Tensor]:
@@ -24,7 +18,7 @@ def gradients(objective) -> dict[str, torch.Tensor]:
 def test_accumulated_gradients_equal_the_full_batch_ones(tiny_cfg, chunks):
     torch.manual_seed(0)
     objective = instantiate(tiny_cfg("model/image=vit_tiny").objective).double()
-    batch = batch_of(16, dtype=torch.float64)
+    batch = random_batch(16, dtype=torch.float64)
     full, _ = objective.loss(batch)
     full.backward()
     expected = gradients(objective)
@@ -44,12 +38,12 @@ def test_batch_norm_running_statistics_are_updated_once_per_micro_batch(tiny_cfg
     objective = instantiate(tiny_cfg().objective)  # the default hybrid ViT has a batch-normed ResNet stem
     norms = [m for m in objective.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert norms
-    objective.accumulated_backward(batch_of(8), 4, torch.Tensor.backward)
+    objective.accumulated_backward(random_batch(8), 4, torch.Tensor.backward)
     assert all(m.num_batches_tracked.item() == 4 for m in norms)
 
 
 def test_split_batch_keeps_per_batch_entries_whole():
-    batch = {**batch_of(10), "keys": [str(i) for i in range(10)], "data_stats": {"read": 10}}
+    batch = {**random_batch(10), "keys": [str(i) for i in range(10)], "data_stats": {"read": 10}}
     parts = split_batch(batch, 3)
     assert [len(p["images"]) for p in parts] == [3, 4, 3]
     assert sum((p["keys"] for p in parts), []) == batch["keys"]

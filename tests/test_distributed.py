@@ -25,7 +25,8 @@ def ddp_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
            str(out), *OVERRIDES, f"paths.output_dir={out}/run"]
-    launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=out,
+    env = {**os.environ, "PYTHONPATH": str(WORKER.parents[1])}  # the worker imports tests.conftest
+    launcher = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=out, env=env,
                                 start_new_session=True)
     try:
         log, _ = launcher.communicate(timeout=300)

@@ -11,17 +11,14 @@ from hydra.utils import instantiate
 from torch.utils.data import DataLoader
 
 from clipkit.errors import TrainingDiverged
+from tests.conftest import random_batch
 
 
 def batches(n: int, poisoned: set[int]) -> list[dict]:
-    g = torch.Generator().manual_seed(0)
-    out = []
-    for i in range(n):
-        images = torch.randn(8, 3, 32, 32, generator=g)
-        if i in poisoned:
-            images[0, 0, 0, 0] = math.nan
-        out.append({"images": images, "input_ids": torch.randint(3, 50, (8, 10), generator=g),
-                    "attention_mask": torch.ones(8, 10, dtype=torch.long)})
+    """``n`` batches; those at the ``poisoned`` positions carry one NaN pixel."""
+    out = [random_batch(8, seed=i) for i in range(n)]
+    for i in poisoned:
+        out[i]["images"][0, 0, 0, 0] = math.nan
     return out
 
 

@@ -7,11 +7,7 @@ from hydra.utils import instantiate
 
 from callbacks.throughput import compute_dtype, matmul_peak, training_flops_per_sample
 from clipkit.train import fit
-
-
-def text_batch(length: int) -> dict:
-    return {"images": torch.randn(4, 3, 32, 32), "input_ids": torch.randint(3, 50, (4, length)),
-            "attention_mask": torch.ones(4, length, dtype=torch.long)}
+from tests.conftest import random_batch
 
 
 def test_one_more_text_layer_costs_its_matmuls_forward_and_backward(tiny_cfg):
@@ -22,14 +18,14 @@ def test_one_more_text_layer_costs_its_matmuls_forward_and_backward(tiny_cfg):
     flops = []
     for layers in (1, 2):
         objective = instantiate(tiny_cfg(f"model.text.config.num_hidden_layers={layers}").objective)
-        flops.append(training_flops_per_sample(objective, text_batch(length)))
+        flops.append(training_flops_per_sample(objective, random_batch(4, length)))
     assert flops[1] - flops[0] == 3 * 2 * length * (4 * h * h + 2 * h * i) + 3.5 * 4 * length**2 * h
 
 
 def test_flop_count_leaves_the_run_untouched(tiny_cfg):
     objective = instantiate(tiny_cfg().objective)  # batch-normed stem: running statistics must not move
     buffers = {k: v.clone() for k, v in objective.state_dict().items()}
-    batch = text_batch(8)
+    batch = random_batch(8)
     rng = torch.get_rng_state()
     assert training_flops_per_sample(objective, batch) > 0
     assert all(p.grad is None for p in objective.parameters())
@@ -67,5 +63,5 @@ def test_flops_are_not_counted_through_sharded_parameters():
     monitor = ThroughputMonitor()
     monitor.start = None
     trainer = SimpleNamespace(strategy=SimpleNamespace(strategy_name="fsdp"))
-    monitor.on_train_batch_start(trainer, SimpleNamespace(objective=None), text_batch(4), 0)
+    monitor.on_train_batch_start(trainer, SimpleNamespace(objective=None), random_batch(4), 0)
     assert monitor.flops_per_sample == 0.0 and monitor.start is not None
