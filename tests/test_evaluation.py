@@ -139,3 +139,14 @@ def test_paper_claims_are_marked_from_the_means_over_seeds():
     assert not marks["a linear projection is as good as a non-linear one (within 2 points)"]  # 0.45 < 0.49 - 0.02
     results["mlp_projection"] = [{"ensemble": 0.46}, {"ensemble": 0.46}]
     assert {c: ok for c, ok, _ in claims(results)}["a linear projection is as good as a non-linear one (within 2 points)"]
+
+
+def test_scoring_keeps_no_autograd_graph(tiny_cfg):
+    """Held-out sets are scored without gradients: a graph per chunk would hold every activation."""
+    from hydra.utils import instantiate
+
+    from clipkit.evaluation.suite import scores
+
+    objective = instantiate(tiny_cfg().objective)
+    prompts = {"input_ids": torch.randint(3, 50, (2, 1, 8)), "attention_mask": torch.ones(2, 1, 8, dtype=torch.long)}
+    assert not scores(objective, torch.randn(3, 3, 32, 32), prompts, "cpu").requires_grad

@@ -14,13 +14,13 @@ from clipkit.evaluation.probe import C_GRID, few_shot, linear_probe
 TASKS = ("zeroshot", "retrieval", "linear_probe", "fewshot")
 
 
-@torch.no_grad()
 def _as_input(objective, images: torch.Tensor, device) -> torch.Tensor:
     """Images on the model's device, in its parameters' dtype (float64 under precision=64-true; mixed precision
     keeps float32 parameters and autocasts)."""
     return images.to(device, dtype=next(objective.parameters()).dtype)
 
 
+@torch.no_grad()
 def scores(objective, images: torch.Tensor, prompts: dict, device, batch_size: int = 256) -> torch.Tensor:
     """``[N, C]`` zero-shot scores in image chunks."""
     prompts = {k: v.to(device) for k, v in prompts.items()}
@@ -31,7 +31,8 @@ def scores(objective, images: torch.Tensor, prompts: dict, device, batch_size: i
 @torch.no_grad()
 def image_features(objective, images: torch.Tensor, device, batch_size: int = 256) -> np.ndarray:
     """The image tower's pooled features (before any projection, as the paper probes), L2-normalised."""
-    feats = [F.normalize(objective.image_tower(_as_input(objective, chunk, device)).float(), dim=-1).cpu() for chunk in images.split(batch_size)]
+    feats = [F.normalize(objective.image_tower(_as_input(objective, chunk, device)).float(), dim=-1).cpu()
+             for chunk in images.split(batch_size)]
     return torch.cat(feats).numpy()
 
 
