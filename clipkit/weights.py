@@ -3,7 +3,6 @@ the final weights are also exported as safetensors that carry the config and tok
 
 from __future__ import annotations
 
-import os
 import pickle
 from pathlib import Path
 
@@ -11,21 +10,17 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from clipkit.checkpoint_io import write_atomically
+
 INFO_KEYS = ("config", "tokenizer", "run_id", "tracking_uri")  # ClipKitModule.run_info, stored as metadata
 
 
 def export_weights(state_dict: dict[str, torch.Tensor], info: dict, path: str | Path) -> Path:
-    """A state dict as safetensors at ``path`` with ``info`` (``ClipKitModule.run_info``) as metadata, written to a
-    temporary name and renamed (a crash mid-write leaves no half file). Tied weights are stored under each name:
-    safetensors refuses shared storage."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """A state dict as safetensors at ``path`` with ``info`` (``ClipKitModule.run_info``) as metadata, written
+    atomically. Tied weights are stored under each name: safetensors refuses shared storage."""
     state = {k: v.detach().cpu().contiguous().clone() for k, v in state_dict.items()}
     metadata = {f"clipkit.{k}": str(info[k]) for k in INFO_KEYS if info.get(k) is not None}
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(state, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
-    return path
+    return write_atomically(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
 
 
 def read_weights(path: str | Path) -> dict:
