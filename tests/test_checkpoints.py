@@ -40,3 +40,12 @@ def test_the_last_k_periodic_checkpoints_and_the_best_by_zero_shot_are_kept(tiny
     best = max(history, key=lambda m: m.value)
     saved = torch.load(folder / "best.ckpt", weights_only=True)
     assert saved["global_step"] * 16 == best.step  # the weights of the best evaluation, not the last
+
+
+def test_the_end_of_training_is_checkpointed_between_two_periodic_saves(tiny_cfg):
+    """max_steps ends the endless epoch: Lightning's epoch-end save never comes, so the end is saved on its own."""
+    result = fit(tiny_cfg("trainer.max_steps=7", "callbacks.checkpoint.every_n_train_steps=3",
+                          "callbacks.zeroshot.every_n_steps=0"))
+    folder = Path(result.checkpoint).parent
+    assert sorted(p.name for p in folder.glob("step*")) == ["step0000003.ckpt", "step0000006.ckpt", "step0000007.ckpt"]
+    assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == 7

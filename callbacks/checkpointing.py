@@ -1,0 +1,23 @@
+"""Lightning's ``ModelCheckpoint``, plus the save at the end of training that an endless stream never gets."""
+
+from __future__ import annotations
+
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+
+class Checkpoint(ModelCheckpoint):
+    """Saves as ``ModelCheckpoint`` does, and once more when training ends between two periodic saves.
+
+    ``max_steps`` ends our runs in the middle of an (endless) epoch, and a step-based ``ModelCheckpoint`` only
+    saves on its steps: without this, the last ``every_n_train_steps - 1`` steps of a run would be in no
+    checkpoint. A run that stops on an error saves nothing here, so the last checkpoint stays the last good one.
+    """
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self._should_skip_saving_checkpoint(trainer):  # includes: this step is saved already
+            return
+        candidates = self._monitor_candidates(trainer)
+        if self.monitor is not None and self.monitor not in candidates:
+            return
+        self._save_topk_checkpoint(trainer, candidates)
+        self._save_last_checkpoint(trainer, candidates)
