@@ -16,11 +16,12 @@ import lightning as L
 import torch
 
 from clipkit.errors import DataError
+from clipkit.resume import gather_objects
 from clipkit.tokenization import tokenize
 from clipkit.zeroshot import DEFAULT_TEMPLATES, ProbeSet, RetrievalSet, ZeroShotSet
 from datamodules.decode import BadSample, decode_caption
 from datamodules.imagefolder import image_folder_set
-from datamodules.stream import BatchStream, Collate, EpochDataLoader, Source, decode_record
+from datamodules.stream import BatchStream, Collate, EpochDataLoader, Source, StreamPosition, decode_record
 from datamodules.transforms import CLIP_MEAN, CLIP_STD, image_transform, normalize
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,8 @@ class CaptionDataModule(L.LightningDataModule):
         self.retrieval_size = retrieval_size
         self.templates = tuple(templates or DEFAULT_TEMPLATES)
         self.normalize = normalize(mean, std)
+        self.position: StreamPosition | None = None  # of the batches trained so far (checkpointed)
+        self.resume_position: dict | None = None  # from a checkpoint: where the training stream starts again
         if resampled and samples_per_epoch is None:
             log.info("resampled shards and no samples_per_epoch: one endless epoch, ended by max_steps")
         self.check_source(probe)
@@ -128,12 +131,30 @@ class CaptionDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> EpochDataLoader:
         rank, world = self._rank_world()
+        self.position = StreamPosition(self.num_workers or 1, world)
         stream = BatchStream(self.source(), self.batch_size, image_transform(self.image_size, train=True),
                              Collate(self.tokenizer, self.context_length, self.normalize), seed=self.seed,
                              shuffle=self.shuffle, shuffle_buffer=self.shuffle_buffer, resampled=self.resampled,
                              samples_per_epoch=self.samples_per_epoch, max_image_pixels=self.max_image_pixels,
                              decode_size=self.image_size, rank=rank, world=world)
+        stream.resume(self.resume_position)
         return EpochDataLoader(stream, num_workers=self.num_workers)
+
+    # -- exact resume: Lightning saves state_dict() in every checkpoint and calls load_state_dict() on resume ----
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """Called once per batch that is about to be trained (not when Lightning fetches ahead)."""
+        position = batch.pop("position", None) if isinstance(batch, dict) else None
+        if position is not None and self.position is not None and self.trainer is not None and self.trainer.training:
+            self.position.trained(position)
+        return batch
+
+    def state_dict(self) -> dict:
+        if self.position is None:
+            return {}
+        return {"position": StreamPosition.merge(gather_objects(self.position.state()))}  # every rank's readers
+
+    def load_state_dict(self, state: dict) -> None:
+        self.resume_position = state.get("position")
 
     def eval_transform(self):
         return image_transform(self.image_size, train=False)

@@ -15,10 +15,18 @@ through the same code:
   ``resampled`` draws shards with replacement instead: an endless stream, cut by ``samples_per_epoch``.
 * **Bad samples** are skipped or repaired (:mod:`datamodules.decode`) and counted; each batch carries
   the counts since the previous one as ``batch["data_stats"]`` for :class:`callbacks.data_health.DataHealth`.
+* **Resuming.** Everything a reader does is a function of (seed, epoch, reader): the shard order, the
+  shuffle buffer's draws, and each sample's random crop (seeded by its place in the reader's stream, not by
+  a worker's running generator). Each batch carries ``batch["position"]``: its reader and how many records
+  that reader had consumed once the batch was complete. :meth:`BatchStream.resume` replays each reader's
+  record stream up to its position without decoding a single image, and starts the workers' round robin at
+  the worker whose batch was due next, so a resumed epoch yields exactly the batches the interrupted one
+  had still to yield, in the same order.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -94,11 +102,50 @@ class Tally:
         self.bad_shards[record.shard] += 1
         self.examples.setdefault(kind, f"{record.shard} {record.key}")
 
-    def take(self) -> dict:
-        out = {"samples": self.samples, "skipped": dict(self.skipped), "repaired": dict(self.repaired),
-               "bad_shards": dict(self.bad_shards), "examples": dict(self.examples)}
+    def take(self) -> Tally:
+        """The counts so far, as a new tally; this one starts again from zero."""
+        out = Tally(self.samples, self.skipped, self.repaired, self.bad_shards, self.examples)
         self.__init__()
         return out
+
+    def add(self, other: Tally) -> Tally:
+        self.samples += other.samples
+        self.skipped += other.skipped
+        self.repaired += other.repaired
+        self.bad_shards += other.bad_shards
+        for kind, example in other.examples.items():
+            self.examples.setdefault(kind, example)
+        return self
+
+    def as_dict(self) -> dict:
+        return {"samples": self.samples, "skipped": dict(self.skipped), "repaired": dict(self.repaired),
+                "bad_shards": dict(self.bad_shards), "examples": dict(self.examples)}
+
+
+class Counted:
+    """An iterator that counts what has been taken from it (``n``), starting after ``skip`` items, which are
+    read and dropped: how a resumed reader gets back to its position without decoding anything."""
+
+    def __init__(self, items: Iterator, skip: int = 0) -> None:
+        self.items, self.n = items, 0
+        for _ in range(skip):
+            if next(self.items, None) is None:
+                break
+            self.n += 1
+
+    def __iter__(self) -> Counted:
+        return self
+
+    def __next__(self):
+        item = next(self.items)
+        self.n += 1
+        return item
+
+
+def sample_seed(*parts) -> int:
+    """A 63-bit seed from a sample's coordinates, so its augmentation does not depend on what ran before it."""
+    digest = hashlib.blake2b("/".join(map(str, parts)).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
 
 def decode_record(record: Record, max_pixels: int, decode_size: int | None):
@@ -129,7 +176,7 @@ class BatchStream(IterableDataset):
     """Batches from a :class:`Source`, split across ``world`` ranks × dataloader workers (see module doc).
 
     Yields dicts with ``images [B,3,S,S]``, ``input_ids``/``attention_mask [B,L]``, ``keys`` (where each
-    sample came from) and ``data_stats``. Use with ``DataLoader(batch_size=None)``.
+    sample came from), ``data_stats`` and ``position``. Use with ``DataLoader(batch_size=None)``.
     """
 
     def __init__(self, source: Source, batch_size: int, transform: Callable, collate: Collate, seed: int = 0,
@@ -142,9 +189,30 @@ class BatchStream(IterableDataset):
         self.rank, self.world = rank, world
         self.epoch = 0
         self.decode_size = decode_size  # JPEGs are decoded at the smallest scale that covers it
+        self.resume_state: dict | None = None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def resume(self, state: dict | None) -> None:
+        """Continue epoch ``state["epoch"]`` where :class:`StreamPosition` ``state`` left it (the other epochs
+        are not affected). ``None`` starts every epoch from its beginning."""
+        self.resume_state = state
+
+    def _start(self, workers: int) -> tuple[dict, int]:
+        """(this rank's readers' positions, the worker whose batch is due first) for the current epoch."""
+        state = self.resume_state
+        if state is None or state["epoch"] != self.epoch:
+            return {}, 0
+        if state["workers"] != workers or state["world"] != self.world:
+            raise DataError(f"the checkpoint's data position is for {state['world']} process(es) × {state['workers']} "
+                            f"worker(s), this run has {self.world} × {workers}: resume with the same trainer.devices "
+                            f"and data.num_workers")
+        mine = {r: p for r, p in state["readers"].items() if r // workers == self.rank}
+        if not mine:
+            return {}, 0
+        last = max(mine, key=lambda r: mine[r]["step"])
+        return mine, (last % workers + 1) % workers
 
     def _batches_per_worker(self, worker: int, workers: int) -> int | None:
         if self.samples_per_epoch is None:
@@ -199,7 +267,7 @@ class BatchStream(IterableDataset):
             if empty:  # cycling an empty share would spin forever
                 raise DataError(f"reader {reader} of {readers} has no samples in its share of the shards")
 
-    def _decoded(self, records: Iterator[Record], tally: Tally) -> Iterator[tuple[str, torch.Tensor, str]]:
+    def _decoded(self, records: Counted, tally: Tally, reader: int) -> Iterator[tuple[str, torch.Tensor, str]]:
         in_a_row = 0
         for record in records:
             try:
@@ -215,31 +283,72 @@ class BatchStream(IterableDataset):
             if repaired:
                 tally.repaired[repaired] += 1
             tally.samples += 1
-            yield f"{record.shard} {record.key}", self.transform(image), caption
+            # the crop of record n of this reader's stream, whatever ran before it (fork_rng: with no workers this
+            # runs in the training process, whose generator must not move)
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(sample_seed(self.seed, self.epoch, reader, records.n))
+                pixels = self.transform(image)
+            yield f"{record.shard} {record.key}", pixels, caption
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        reader, readers = self.rank * workers + worker, self.world * workers
-        quota = self._batches_per_worker(worker, workers)
-        if quota == 0:
+        positions, first = self._start(workers)
+        role = (worker + first) % workers  # a resumed epoch's round robin starts at the worker that was due
+        reader, readers = self.rank * workers + role, self.world * workers
+        done = positions.get(reader, {"records": 0, "batches": 0})
+        quota = self._batches_per_worker(role, workers)
+        if quota is not None and done["batches"] >= quota:
             return
         records = self._records(reader, readers, cycle=quota is not None)
         if self.shuffle and self.shuffle_buffer > 1:
             records = shuffled(records, self.shuffle_buffer, random.Random(f"{self.seed}/{self.epoch}/{reader}"))
-        tally, made = Tally(), 0
-        samples = self._decoded(records, tally)
+        counted, tally, made = Counted(records, skip=done["records"]), Tally(), done["batches"]
+        samples = self._decoded(counted, tally, reader)
         batch = list(islice(samples, self.batch_size))
         while batch and (quota is None or made < quota):
-            # read the next batch before handing this one over, so the counts of skips at the very end
-            # of a pass still travel with the last batch
+            stats, consumed = tally.take(), counted.n
+            # read the next batch before handing this one over, so the skips at the very end of a pass still
+            # travel with the last batch (and its position is then the end of the pass)
             following = [] if quota is not None and made + 1 == quota else list(islice(samples, self.batch_size))
-            yield self._collate(batch, tally)
-            batch, made = following, made + 1
+            if not following:
+                stats, consumed = stats.add(tally.take()), counted.n
+            made += 1
+            position = {"epoch": self.epoch, "reader": reader, "records": consumed, "batches": made}
+            yield self._collate(batch, stats, position)
+            batch = following
 
-    def _collate(self, batch: list, tally: Tally) -> dict:
+    def _collate(self, batch: list, stats: Tally, position: dict) -> dict:
         keys, images, captions = map(list, zip(*batch, strict=True))
-        return {**self.collate(images, captions), "keys": keys, "data_stats": tally.take()}
+        return {**self.collate(images, captions), "keys": keys, "data_stats": stats.as_dict(), "position": position}
+
+
+class StreamPosition:
+    """Where training is in the stream: per reader, the records consumed and batches made up to the last batch
+    that was *trained* (Lightning fetches ahead, so the loader's own count would skip a batch on resume).
+    :meth:`trained` is told of every batch; :meth:`state` is the checkpointed form, merged over ranks."""
+
+    def __init__(self, workers: int, world: int) -> None:
+        self.workers, self.world, self.epoch, self.steps = workers, world, 0, 0
+        self.readers: dict[int, dict] = {}
+
+    def trained(self, position: dict) -> None:
+        if position["epoch"] != self.epoch:
+            self.epoch, self.readers = position["epoch"], {}
+        self.steps += 1
+        self.readers[position["reader"]] = {"records": position["records"], "batches": position["batches"],
+                                            "step": self.steps}
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "workers": self.workers, "world": self.world, "readers": dict(self.readers)}
+
+    @staticmethod
+    def merge(states: list[dict]) -> dict:
+        """One state from every rank's (each rank's readers are its own)."""
+        out = dict(states[0], readers={})
+        for state in states:
+            out["readers"].update(state["readers"])
+        return out
 
 
 class EpochDataLoader(DataLoader):
@@ -247,12 +356,18 @@ class EpochDataLoader(DataLoader):
 
     Lightning only calls ``set_epoch`` on samplers, and an iterable dataset has none. Workers are not
     persistent, so each epoch's workers receive the new epoch with their copy of the dataset.
+
+    Its generator is its own (seeded by the stream's seed): starting an epoch must not draw from the global
+    generator, or a resumed run's dropout masks would differ from the uninterrupted run's.
     """
 
     def __init__(self, stream: BatchStream, num_workers: int = 0, **kwargs) -> None:
         super().__init__(stream, batch_size=None, num_workers=num_workers, persistent_workers=False,
-                         prefetch_factor=4 if num_workers else None, **kwargs)
+                         prefetch_factor=4 if num_workers else None,
+                         generator=torch.Generator().manual_seed(stream.seed), **kwargs)
         self._epochs_started = 0
+        if stream.resume_state is not None:
+            self._epochs_started = stream.resume_state["epoch"]
 
     def __iter__(self):
         self.dataset.set_epoch(self._epochs_started)
