@@ -13,6 +13,7 @@ import lightning as L
 import torch
 
 from clipkit.errors import DataError
+from clipkit.resume import gather_objects
 from datamodules.decode import REPAIR_KINDS, SKIP_KINDS
 
 log = logging.getLogger(__name__)
@@ -29,6 +30,7 @@ class DataHealth(L.Callback):
         self.good, self.skipped, self.repaired, self.bad_shards = 0, Counter(), Counter(), Counter()
         self.warned: set[str] = set()
         self._dirty = False
+        self._loaded: list | None = None  # every rank's counts from a checkpoint, taken up at fit start
 
     @property
     def read(self) -> int:
@@ -101,10 +103,19 @@ class DataHealth(L.Callback):
             self._log(trainer, pl_module)
 
     def state_dict(self) -> dict:
-        return {"good": self.good, "skipped": dict(self.skipped), "repaired": dict(self.repaired),
-                "bad_shards": dict(self.bad_shards)}
+        """Every process's counts (each counts what it read), so a resumed run sums the same totals."""
+        own = {"good": self.good, "skipped": dict(self.skipped), "repaired": dict(self.repaired),
+               "bad_shards": dict(self.bad_shards)}
+        return {"ranks": gather_objects(own)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.good = state["good"]
-        self.skipped, self.repaired = Counter(state["skipped"]), Counter(state["repaired"])
-        self.bad_shards = Counter(state["bad_shards"])
+        self._loaded = state["ranks"]
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if self._loaded is None:
+            return
+        own = self._loaded[trainer.global_rank]
+        self.good = own["good"]
+        self.skipped, self.repaired = Counter(own["skipped"]), Counter(own["repaired"])
+        self.bad_shards = Counter(own["bad_shards"])
+        self._loaded = None

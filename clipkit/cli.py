@@ -21,7 +21,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import ConfigCompositionException, HydraException, InstantiationException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
 
-from clipkit.errors import DataError, TrainingDiverged
+from clipkit.errors import DataError, ResumeError, TrainingDiverged
 from clipkit.tracking import REPO_ROOT, runs_url
 
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")
@@ -133,6 +133,10 @@ def preflight(args: list[str]) -> None:
                     "\"data.shards='/data/{00000..00331}.tar'\")")
         raise UsageError(str(err).splitlines()[0] + hint) from None
     cfg = compose_config(first_job)
+    resume = cfg.get("resume")
+    if resume and resume != "auto" and not Path(str(resume)).exists():
+        raise UsageError(f"resume={resume}: no such checkpoint or run folder (resume=auto finds the newest "
+                         f"checkpoint of an earlier run of the same command)")
     if cfg.get("logger") is not None:
         from clipkit.tracking import check_tracking_server
 
@@ -168,7 +172,7 @@ def _fit_task(cfg: DictConfig) -> None:
         raise SystemExit(f"clipkit: error: {type(cause).__name__}: {cause}") from None
     except DataError as err:
         raise SystemExit(f"clipkit: error: {_one_line(err)}") from None
-    except TrainingDiverged as err:
+    except (TrainingDiverged, ResumeError) as err:
         raise SystemExit(f"clipkit: error: {err}") from None
     if result.global_rank == 0:  # every DDP rank trains; one reports
         print_summary(result)

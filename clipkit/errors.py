@@ -7,3 +7,7 @@ class DataError(Exception):
 
 class TrainingDiverged(Exception):
     """The loss or gradients stayed non-finite for too many optimiser steps in a row."""
+
+
+class ResumeError(Exception):
+    """A run cannot be continued from the checkpoint asked for: damaged, missing, or trained otherwise."""

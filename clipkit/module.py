@@ -13,6 +13,7 @@ from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
 
 from clipkit.errors import TrainingDiverged
 from clipkit.objectives import Objective
+from clipkit.resume import gather_objects, rng_states, set_rng_states
 
 log = logging.getLogger(__name__)
 
@@ -74,14 +75,28 @@ class ClipKitModule(L.LightningModule):
         self.nonfinite_steps = self.nonfinite_in_a_row = 0
         self.register_buffer("images_seen", torch.zeros((), dtype=torch.long), persistent=True)
         self.run_info: dict = {}  # set by fit(): resolved config, tokenizer, MLflow run; saved in every checkpoint
+        self._resumed_rng: list | None = None
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # a checkpoint rebuilds its model and tokenizer by itself (clipkit eval), wherever it is copied to
         checkpoint["clipkit"] = self.run_info
-        checkpoint["nonfinite_steps"] = self.nonfinite_steps
+        checkpoint["nonfinite_steps"] = [self.nonfinite_steps, self.nonfinite_in_a_row]
+        # every process's generators (dropout masks, GradCache's replay): Lightning does not save them
+        checkpoint["rng_states"] = gather_objects(rng_states())
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.nonfinite_steps = checkpoint.get("nonfinite_steps", 0)
+        # Lightning loads the weights before its precision plugin converts the module (64-true, bf16-true): float64
+        # weights loaded into the float32 parameters would be rounded. Convert now, as the plugin will anyway.
+        if self._trainer is not None and not self.trainer.strategy.restore_checkpoint_after_setup:
+            self.trainer.precision_plugin.convert_module(self)
+        self.nonfinite_steps, self.nonfinite_in_a_row = checkpoint.get("nonfinite_steps", [0, 0])
+        self._resumed_rng = checkpoint.get("rng_states")
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        # Restored here, as late as possible: set-up after loading (worker start, the first fetch) must not move them.
+        if self._resumed_rng is not None:
+            set_rng_states(self._resumed_rng[self.trainer.global_rank])
+            self._resumed_rng = None
 
     def _gather(self, x: torch.Tensor) -> torch.Tensor:
         # Lightning's default sync_grads=False would detach the other ranks' negatives.

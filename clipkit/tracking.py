@@ -15,17 +15,35 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 class MLFlowLogger(_LightningMLFlowLogger):
-    """Lightning's MLflow logger, with each metric's step set to the ``images_seen`` logged beside it.
+    """Lightning's MLflow logger, with each metric's step set to the ``images_seen`` logged beside it, and each
+    metric logged at most once per step.
 
     Images seen is the x-axis of the paper's Figure 2 and stays comparable across batch sizes,
     accumulation and world sizes, where optimiser steps do not. Metrics logged without ``images_seen``
     keep Lightning's step.
+
+    Given the ``run_id`` of an interrupted run, it continues that run: steps the run already holds (those
+    between the checkpoint and the crash, which the resumed run recomputes) are not logged again, so every
+    metric's history has each step once, and none missing.
     """
+
+    def __init__(self, *args, run_id: str | None = None, **kwargs) -> None:
+        super().__init__(*args, run_id=run_id, **kwargs)
+        self.last_steps: dict[str, int] = {}
+        if run_id is not None:
+            client = self.experiment
+            for key in client.get_run(run_id).data.metrics:
+                self.last_steps[key] = max(m.step for m in client.get_metric_history(run_id, key))
+            client.update_run(run_id, status="RUNNING")
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         if "images_seen" in metrics:
             step = int(metrics["images_seen"])
-        super().log_metrics(metrics, step)
+        step = step or 0
+        fresh = {k: v for k, v in metrics.items() if step > self.last_steps.get(k, -1)}
+        if fresh:
+            self.last_steps.update(dict.fromkeys(fresh, step))
+            super().log_metrics(fresh, step)
 
 
 def flatten_config(cfg: DictConfig, prefix: str = "") -> dict[str, Any]:

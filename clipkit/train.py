@@ -12,10 +12,13 @@ from pathlib import Path
 
 import lightning as L
 from hydra.utils import instantiate
+from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 from transformers import PreTrainedModel
 
+from clipkit.errors import ResumeError
+from clipkit.resume import check_config, check_tokenizer, locate, static_root
 from clipkit.tracking import MLFlowLogger, RunRecord, run_tags
 
 log = logging.getLogger(__name__)
@@ -66,16 +69,75 @@ def drop_unused_models(cfg: DictConfig) -> list[str]:
     return unused
 
 
+@dataclass
+class Resume:
+    checkpoint: Path
+    info: dict  # the checkpoint's ClipKitModule.run_info
+    step: int
+
+
+def find_resume(cfg: DictConfig) -> Resume | None:
+    """The checkpoint ``cfg.resume`` names (see :func:`clipkit.resume.locate`), checked against ``cfg``; the run
+    then writes into the resumed run's output folder. None: start a new run."""
+    spec = cfg.get("resume")
+    if not spec:
+        return None
+    overrides, roots, output_dir = [], [], None
+    if HydraConfig.initialized():
+        hydra = HydraConfig.get()
+        overrides, output_dir = list(hydra.overrides.task), Path(hydra.runtime.output_dir)
+        dirs = OmegaConf.to_container(hydra, resolve=False)
+        roots = [static_root(dirs["run"]["dir"]), static_root(dirs["sweep"]["dir"])]
+    checkpoint = cfg.get("callbacks", {}).get("checkpoint")
+    folder = Path(checkpoint.dirpath if checkpoint else f"{cfg.paths.output_dir}/checkpoints")
+    found = locate(str(spec), folder, overrides, roots, output_dir)
+    if found is None:
+        log.info("resume=auto: no checkpoint of an earlier run of this command, so this is a new run")
+        return None
+    path, ckpt = found
+    info = ckpt.get("clipkit") or {}
+    if "config" not in info:
+        raise ResumeError(f"{path} was not written by clipkit fit (it carries no config): nothing to resume")
+    stored = OmegaConf.create(info["config"])
+    if Path(stored.paths.output_dir).is_dir():  # keep writing checkpoints and weights where the run started
+        cfg.paths.output_dir = stored.paths.output_dir
+    check_config(stored, cfg, path)
+    resume = Resume(path, dict(info), int(ckpt["global_step"]))
+    log.info("resuming from %s (step %d); writing to %s", path, resume.step, cfg.paths.output_dir)
+    return resume
+
+
+def continued_run(resume: Resume, cfg: DictConfig) -> str | None:
+    """The MLflow run a resumed run logs to: the checkpoint's own, which must be in this store."""
+    run_id = resume.info.get("run_id")
+    if run_id is None or cfg.get("logger") is None:
+        return None
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    try:
+        MlflowClient(str(cfg.logger.tracking_uri)).get_run(run_id)
+    except MlflowException:
+        raise ResumeError(f"{resume.checkpoint} logged to MLflow run {run_id}, which is not in "
+                          f"{cfg.logger.tracking_uri}: run from the folder you trained in, or set "
+                          f"logger.tracking_uri to that run's store") from None
+    return run_id
+
+
 def fit(cfg: DictConfig, preset: str | None = None) -> FitResult:
-    """Instantiate data, model, callbacks, loggers and trainer from ``cfg`` (in that order) and train."""
+    """Instantiate data, model, callbacks, loggers and trainer from ``cfg`` (in that order) and train;
+    with ``cfg.resume``, continue an interrupted run where its checkpoint left it."""
     for name in drop_unused_models(cfg):
         log.info("model.%s is not used by %s: not built, not recorded", name, cfg.objective._target_)
+    resume = find_resume(cfg)
     record = RunRecord.of(cfg)
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     log.info("data: %s", cfg.data._target_)
     datamodule = instantiate(cfg.data)
     tokenizer = datamodule.tokenizer
+    if resume is not None:
+        check_tokenizer(resume.info["tokenizer"], tokenizer, resume.checkpoint)
     log.info("objective: %s", cfg.objective._target_)
     module = instantiate(cfg.module)
     check_vocabulary(tokenizer, module)
@@ -83,16 +145,21 @@ def fit(cfg: DictConfig, preset: str | None = None) -> FitResult:
     # Only the first process records. Under torchrun or SLURM every rank runs this function at once, and merely
     # creating an MLflow client opens (and, for sqlite, creates) the store: ranks would race on it.
     records = cfg.get("logger") is not None and rank_zero_only.rank == 0
-    loggers = [instantiate(cfg.logger, tags=run_tags(cfg, preset, module.objective.arm))] if records else []
+    run_id = continued_run(resume, cfg) if resume is not None and records else None
+    loggers = [instantiate(cfg.logger, tags=run_tags(cfg, preset, module.objective.arm), run_id=run_id)
+               ] if records else []
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     module.run_info = {"config": record.config_yaml, "tokenizer": tokenizer.backend_tokenizer.to_str()}
     for logger in trainer.loggers:  # fast_dev_run swaps loggers for a dummy
         if isinstance(logger, MLFlowLogger):
-            record.log(logger, [p for p in [getattr(tokenizer, "cache_path", None)] if p])
+            if run_id is None:  # a continued run has its record already
+                record.log(logger, [p for p in [getattr(tokenizer, "cache_path", None)] if p])
+            else:
+                logger.experiment.set_tag(run_id, "clipkit.resumed_from", f"{resume.checkpoint} (step {resume.step})")
             module.run_info.update(run_id=logger.run_id, tracking_uri=logger._tracking_uri)
 
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=resume.checkpoint if resume else None, weights_only=True)
     seconds = time.perf_counter() - start
 
     eval_seconds = sum(getattr(c, "seconds", 0.0) for c in callbacks)

@@ -99,3 +99,35 @@ def test_bad_sample_counts_are_summed_over_processes(isolated):
     assert cli.returncode == 0, cli.stdout[-3000:] + cli.stderr[-3000:]
     (run,) = mlflow.MlflowClient(tracking_uri=f"sqlite:///{isolated}/mlflow.db").search_runs(["1"])
     assert {k: run.data.metrics[f"data/skipped/{k}"] for k in skipped} == {k: float(n) for k, n in skipped.items()}
+
+
+@pytest.mark.slow
+def test_a_two_process_run_resumed_mid_epoch_ends_bitwise_where_the_uninterrupted_one_does(isolated):
+    """Each rank's two workers restart at their own positions in their shards (bad samples included), each rank's
+    generators and bad-sample counts come back: the checkpoint gathers them from both processes."""
+    from tests.datafiles import MAX_PIXELS, write_shards
+
+    write_shards(isolated / "shards", 4, good_per_shard=30)
+    data = ["data=webdataset", f"data.shards={isolated / 'shards'}", f"data.max_image_pixels={MAX_PIXELS}",
+            "data.eval_folders=[]", "data.corpus_size=50", "data.num_workers=2", "data.shuffle_buffer=8",
+            "data.samples_per_epoch=96", "callbacks.data_health.max_skip_ratio=0.5",
+            "+model.image.drop_path_rate=0.2"]  # 3 batches per rank per epoch: steps 2 and 4 are mid-epoch
+    extra = [o for o in CLI_EXTRA if not o.startswith(("trainer.max_steps", "hydra.run.dir"))] + [
+        "trainer.max_steps=6", "callbacks.checkpoint.every_n_train_steps=2", "callbacks.checkpoint.save_top_k=-1",
+        f"paths.output_dir={isolated}/run"]
+    shared = [o for o in OVERRIDES if not o.startswith("data.supersample")]
+
+    def fit(*more):
+        cli = subprocess.run([sys.executable, "-m", "clipkit", "fit", *shared, *extra, *data, *more],
+                             capture_output=True, text=True, timeout=300)
+        assert cli.returncode == 0, cli.stdout[-3000:] + cli.stderr[-3000:]
+        return torch.load(isolated / "run/checkpoints/last.ckpt", weights_only=True)
+
+    whole = fit()
+    resumed = fit(f"resume={isolated}/run/checkpoints/step0000004.ckpt")
+    assert resumed["global_step"] == 6
+    for key, value in whole["state_dict"].items():
+        assert torch.equal(value, resumed["state_dict"][key]), key
+    health = next(k for k in whole["callbacks"] if k.startswith("DataHealth"))
+    assert whole["callbacks"][health] == resumed["callbacks"][health]
+    assert all(rank["skipped"] for rank in whole["callbacks"][health]["ranks"])  # both ranks met bad samples

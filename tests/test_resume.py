@@ -1,0 +1,185 @@
+"""``resume=auto|PATH``: a resumed run ends exactly where the uninterrupted one does, and a resume that cannot be
+exact is refused in one line before anything trains. (The SIGKILL test is in test_resume_kill.py.)"""
+
+from __future__ import annotations
+
+from collections import Counter
+from functools import partial
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from clipkit.cli import main
+from clipkit.errors import DataError, ResumeError
+from clipkit.resume import config_differences, locate
+from clipkit.tokenization import train_or_load_bpe
+from clipkit.train import fit
+from datamodules.stream import StreamPosition
+from datamodules.webdataset import WebDatasetDataModule
+from tests.datafiles import MAX_PIXELS, REPAIRS, write_shards
+
+CHECKPOINTS = ["trainer.max_steps=8", "callbacks.checkpoint.every_n_train_steps=2", "callbacks.checkpoint.save_top_k=-1"]
+RANDOM = ["+model.image.drop_path_rate=0.2", "+model.text.config.attention_dropout=0.2"]  # the generators matter
+
+
+def weights(path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["state_dict"]
+
+
+def assert_bitwise_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
+
+
+# -- the data position ------------------------------------------------------------------------------------------
+def batches(dm, resume: dict | None = None) -> list[dict]:
+    dm.resume_position = resume
+    return list(dm.train_dataloader())
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_resumed_epoch_yields_exactly_the_batches_it_had_left_in_the_same_order(tmp_path, workers):
+    """Shuffled shards with bad samples: the replay must skip what the bad samples took, not only good ones."""
+    write_shards(tmp_path / "shards", 3, good_per_shard=11, repairs=REPAIRS)
+    dm = WebDatasetDataModule(shards=str(tmp_path / "shards"), batch_size=4, num_workers=workers, image_size=16,
+                              corpus_size=50, retrieval_size=8, max_image_pixels=MAX_PIXELS, shuffle_buffer=8,
+                              tokenizer=partial(train_or_load_bpe, vocab_size=128, cache_dir=str(tmp_path / "tok")))
+    full = batches(dm)
+    assert len(full) >= 8
+    for cut in (1, 3, len(full) - 1):
+        position = StreamPosition(workers or 1, 1)
+        for batch in full[:cut]:
+            position.trained(batch["position"])
+        rest = batches(dm, StreamPosition.merge([position.state()]))
+        assert [b["keys"] for b in rest] == [b["keys"] for b in full[cut:]]
+        for a, b in zip(rest, full[cut:], strict=True):
+            assert torch.equal(a["images"], b["images"]) and torch.equal(a["input_ids"], b["input_ids"])
+        # every bad sample is counted once over the two halves: none again, none lost
+        halves = [Counter(), Counter()]
+        for i, batch in enumerate(full[:cut] + rest):
+            halves[i >= cut].update(batch["data_stats"]["skipped"])
+        assert halves[0] + halves[1] == sum((Counter(b["data_stats"]["skipped"]) for b in full), Counter())
+
+
+def test_a_data_position_for_other_workers_is_refused(tmp_path, tiny_cfg):
+    from hydra.utils import instantiate
+
+    dm = instantiate(tiny_cfg("data.num_workers=0").data)
+    dm.resume_position = {"epoch": 0, "workers": 2, "world": 1, "readers": {0: {"records": 4, "batches": 1, "step": 1}}}
+    with pytest.raises(DataError, match="resume with the same trainer.devices and data.num_workers"):
+        next(iter(dm.train_dataloader()))
+
+
+# -- whole runs ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("workers,precision", [(0, "32-true"), (2, "32-true"), (0, "64-true")])
+def test_resuming_from_a_mid_run_checkpoint_ends_bitwise_where_the_uninterrupted_run_does(tiny_cfg, workers, precision):
+    """Model, AdamW moments, the warm-up + cosine schedule, the temperature, the generators (stochastic depth,
+    dropout, the random crops) and the position of each dataloader worker all come back: with two workers, a data position off by one batch or
+    a round robin restarted at worker 0 changes every weight. In float64, Lightning would load the weights into the
+    float32 model before converting it, rounding them."""
+    run = [*CHECKPOINTS, *RANDOM, f"data.num_workers={workers}", f"precision={precision}"]
+    full = fit(tiny_cfg(*run))
+    expected = weights(full.checkpoint)
+    middle = Path(full.checkpoint).parent / "step0000004.ckpt"
+    resumed = fit(tiny_cfg(*run, f"resume={middle}"))
+    assert resumed.run_id == full.run_id and resumed.images_seen == full.images_seen == 8 * 16
+    assert_bitwise_equal(weights(resumed.checkpoint), expected)
+
+
+def test_auto_resume_skips_damaged_checkpoints_and_falls_back_to_the_previous_one(tiny_cfg):
+    full = fit(tiny_cfg(*CHECKPOINTS))
+    folder = Path(full.checkpoint).parent
+    expected = weights(full.checkpoint)
+    previous = folder / "step0000006.ckpt"
+    for path in folder.glob("*.ckpt"):  # everything written after step 6 is cut off mid-write
+        if path.stat().st_mtime > previous.stat().st_mtime:
+            path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    found, _ = locate("auto", folder, [], [])
+    assert found == previous
+    resumed = fit(tiny_cfg(*CHECKPOINTS, "resume=auto"))  # the same output folder: its own checkpoints
+    assert_bitwise_equal(weights(resumed.checkpoint), expected)
+
+
+def test_auto_resume_finds_the_newest_checkpoint_of_an_earlier_run_of_the_same_command(tmp_path):
+    runs = tmp_path / "outputs"
+    for name, overrides in [("2026-01-01/10-00-00", ["seed=1"]), ("2026-01-02/10-00-00", ["seed=2"]),
+                            ("2026-01-03/10-00-00", ["seed=1", "resume=auto"])]:  # a resumed run: no checkpoints
+        (runs / name / ".hydra").mkdir(parents=True)
+        (runs / name / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+    (runs / "2026-01-01/10-00-00/checkpoints").mkdir()
+    torch.save({"global_step": 3}, runs / "2026-01-01/10-00-00/checkpoints/last.ckpt")
+    found = locate("auto", tmp_path / "new/checkpoints", ["resume=auto", "seed=1"], [runs])
+    assert found[0] == runs / "2026-01-01/10-00-00/checkpoints/last.ckpt" and found[1]["global_step"] == 3
+    assert locate("auto", tmp_path / "new/checkpoints", ["seed=3"], [runs]) is None  # nothing to resume: a new run
+
+
+# -- resumes that cannot be exact: one line, before anything trains -------------------------------------------
+def only_run_status(tracking_uri: str) -> list[str]:
+    client = mlflow.MlflowClient(tracking_uri)
+    return [r.info.status for r in client.search_runs([e.experiment_id for e in client.search_experiments()])]
+
+
+def test_resuming_with_other_settings_names_them(tiny_cfg):
+    full = fit(tiny_cfg(*CHECKPOINTS))
+    with pytest.raises(ResumeError, match=r"other settings \(model.image.depth: 1 -> 2\): a resumed run continues"):
+        fit(tiny_cfg(*CHECKPOINTS, "model.image.depth=2", f"resume={full.checkpoint}"))
+    assert only_run_status(full.tracking_uri) == ["FINISHED"]
+
+
+def test_only_file_locations_may_differ_on_resume(tiny_cfg, tmp_path):
+    a = tiny_cfg("trainer.max_steps=8")
+    b = tiny_cfg("trainer.max_steps=8", f"paths.output_dir={tmp_path}/elsewhere", f"paths.cache_dir={tmp_path}/c2",
+                 "resume=auto")
+    assert config_differences(a, b) == []
+    assert config_differences(a, tiny_cfg("trainer.max_steps=9")) == ["trainer.max_steps: 8 -> 9"]
+
+
+def test_a_tokenizer_that_is_not_the_checkpoints_is_refused_in_one_line(tiny_cfg, tmp_path):
+    """The data under the same path changed since the checkpoint: its token ids would mean other words."""
+    full = fit(tiny_cfg(*CHECKPOINTS))
+    ckpt = torch.load(full.checkpoint, weights_only=True)
+    other = train_or_load_bpe(captions=iter(["a red circle", "a blue square"] * 50), context_length=32,
+                              vocab_size=64, cache_dir=str(tmp_path / "other"))
+    ckpt["clipkit"]["tokenizer"] = other.backend_tokenizer.to_str()
+    torch.save(ckpt, tmp_path / "changed.ckpt")
+    with pytest.raises(ResumeError) as err:
+        fit(tiny_cfg(*CHECKPOINTS, f"resume={tmp_path / 'changed.ckpt'}"))
+    assert str(err.value).startswith("the tokenizer built from the training captions (") and "\n" not in str(err.value)
+    assert "resume with the data it was trained on, or start a new run" in str(err.value)
+    assert only_run_status(full.tracking_uri) == ["FINISHED"]  # no run left RUNNING
+
+
+def test_a_run_whose_mlflow_store_is_elsewhere_is_refused(tiny_cfg, tmp_path):
+    full = fit(tiny_cfg(*CHECKPOINTS))
+    with pytest.raises(ResumeError, match=f"logged to MLflow run {full.run_id}, which is not in sqlite:///"):
+        fit(tiny_cfg(*CHECKPOINTS, f"resume={full.checkpoint}", f"logger.tracking_uri=sqlite:///{tmp_path}/other.db"))
+
+
+def test_an_explicitly_named_damaged_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "last.ckpt"
+    path.write_bytes(b"PK\x03\x04 half a zip")
+    with pytest.raises(ResumeError, match=f"checkpoint {path} is damaged: resume={tmp_path} takes the newest"):
+        locate(str(path), tmp_path, [], [])
+
+
+def test_cli_refuses_a_missing_checkpoint_in_one_line(capsys, tmp_path):
+    assert main(["fit", f"resume={tmp_path}/nothing.ckpt"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"clipkit: error: resume={tmp_path}/nothing.ckpt: no such checkpoint or run folder (resume=auto " \
+                  "finds the newest checkpoint of an earlier run of the same command)\n"
+
+
+@pytest.mark.parametrize("override,error", [
+    ("model.image.name=vit_tiy_patch16_224", "unknown image backbone 'vit_tiy_patch16_224'"),
+    ("data.image_size=50", "image size 50 is not a multiple of the patch size"),
+    ("data=webdataset", "shards do not exist"),
+])
+def test_a_config_mistake_found_at_start_up_leaves_no_mlflow_run(tiny_cfg, override, error):
+    extra = ["model/image=vit_tiny"] if "image_size" in override else []
+    extra += ["data.shards='/nowhere/{0..1}.tar'"] if override == "data=webdataset" else []
+    with pytest.raises(Exception, match=error):
+        fit(tiny_cfg(*extra, override))
+    assert only_run_status(tiny_cfg().logger.tracking_uri) == []
