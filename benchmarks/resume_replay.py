@@ -1,0 +1,72 @@
+"""What does exact resume cost? A resumed reader replays its record stream up to its position (shard order and
+shuffle-buffer draws are functions of the seed) without decoding images. This measures that replay against the
+loader's normal decode rate, one reader, no dataloader workers.
+
+    python benchmarks/resume_replay.py [--samples 8192]
+
+Rows: WebDataset shards of 48 px and 256 px JPEGs written by ``clipkit data synth`` (read from the page cache
+here: a cold network file system reads the bytes again at its own speed), and the generated default stream.
+Prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from hydra.utils import instantiate
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from clipkit.cli import compose_config  # noqa: E402
+from clipkit.datatools import synth  # noqa: E402
+from datamodules.stream import Counted, shuffled  # noqa: E402
+
+
+def rates(overrides: list[str], samples: int) -> tuple[float, float]:
+    """(records/s replayed without decoding, images/s decoded into batches) for ``samples`` records of reader 0."""
+    dm = instantiate(compose_config([*overrides, "data.num_workers=0"]).data)
+    stream = dm.train_dataloader().dataset
+
+    def records():
+        out = stream._records(0, 1, cycle=True)
+        if stream.shuffle and stream.shuffle_buffer > 1:
+            out = shuffled(out, stream.shuffle_buffer, random.Random(f"{stream.seed}/0/0"))
+        return out
+
+    start = time.perf_counter()
+    replayed = Counted(records(), skip=samples).n
+    replay = replayed / (time.perf_counter() - start)
+    it, seen = iter(stream), 0
+    start = time.perf_counter()
+    while seen < samples:
+        seen += len(next(it)["keys"])
+    return replay, seen / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--samples", type=int, default=8192)
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in (48, 256):
+            out = Path(tmp) / f"wds{size}"
+            synth(out, "wds", args.samples, seed=0, image_size=size, shard_size=512, image_format="jpg",
+                  retrieval_size=1, eval_per_class=1)
+            overrides = ["data=webdataset", f"data.shards={out}/train", "data.image_size=48", "data.corpus_size=2000",
+                         f"paths.cache_dir={tmp}/cache", "data.samples_per_epoch=1000000"]
+            rows.append((f"WebDataset, {size} px JPEG, shuffle buffer 1000", *rates(overrides, args.samples)))
+        rows.append(("generated scenes (default)", *rates([f"paths.cache_dir={tmp}/cache"], args.samples)))
+    print(f"| source ({args.samples:,} records of one reader) | replayed records/s | decoded images/s | ratio |")
+    print("| --- | ---: | ---: | ---: |")
+    for name, replay, decode in rows:
+        print(f"| {name} | {replay:,.0f} | {decode:,.0f} | {replay / decode:,.0f}× |")
+
+
+if __name__ == "__main__":
+    main()
