@@ -3,6 +3,8 @@ exact is refused in one line before anything trains. (The SIGKILL test is in tes
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from collections import Counter
 from functools import partial
 from pathlib import Path
@@ -18,9 +20,11 @@ from clipkit.tokenization import train_or_load_bpe
 from clipkit.train import fit
 from datamodules.stream import StreamPosition
 from datamodules.webdataset import WebDatasetDataModule
+from tests.conftest import TINY
 from tests.datafiles import MAX_PIXELS, REPAIRS, write_shards
 
-CHECKPOINTS = ["trainer.max_steps=8", "callbacks.checkpoint.every_n_train_steps=2", "callbacks.checkpoint.save_top_k=-1"]
+CHECKPOINTS = ["trainer.max_steps=8", "callbacks.checkpoint.every_n_train_steps=2",
+               "callbacks.checkpoint.save_top_k=-1"]
 RANDOM = ["+model.image.drop_path_rate=0.2", "+model.text.config.attention_dropout=0.2"]  # the generators matter
 
 
@@ -77,9 +81,9 @@ def test_a_data_position_for_other_workers_is_refused(tmp_path, tiny_cfg):
 @pytest.mark.parametrize("workers,precision", [(0, "32-true"), (2, "32-true"), (0, "64-true")])
 def test_resuming_from_a_mid_run_checkpoint_ends_bitwise_where_the_uninterrupted_run_does(tiny_cfg, workers, precision):
     """Model, AdamW moments, the warm-up + cosine schedule, the temperature, the generators (stochastic depth,
-    dropout, the random crops) and the position of each dataloader worker all come back: with two workers, a data position off by one batch or
-    a round robin restarted at worker 0 changes every weight. In float64, Lightning would load the weights into the
-    float32 model before converting it, rounding them."""
+    dropout, the random crops) and the position of each dataloader worker all come back: with two workers, a data
+    position off by one batch or a round robin restarted at worker 0 changes every weight. In float64, Lightning
+    would load the weights into the float32 model before converting it, rounding them."""
     run = [*CHECKPOINTS, *RANDOM, f"data.num_workers={workers}", f"precision={precision}"]
     full = fit(tiny_cfg(*run))
     expected = weights(full.checkpoint)
@@ -139,6 +143,8 @@ def test_only_file_locations_may_differ_on_resume(tiny_cfg, tmp_path):
 
 def test_a_tokenizer_that_is_not_the_checkpoints_is_refused_in_one_line(tiny_cfg, tmp_path):
     """The data under the same path changed since the checkpoint: its token ids would mean other words."""
+    run = [*TINY, "data.supersample=1", f"paths.output_dir={tmp_path}/out",
+           f"logger.tracking_uri=sqlite:///{tmp_path}/mlflow.db", *CHECKPOINTS]  # what tiny_cfg composes
     full = fit(tiny_cfg(*CHECKPOINTS))
     ckpt = torch.load(full.checkpoint, weights_only=True)
     other = train_or_load_bpe(captions=iter(["a red circle", "a blue square"] * 50), context_length=32,
@@ -149,6 +155,9 @@ def test_a_tokenizer_that_is_not_the_checkpoints_is_refused_in_one_line(tiny_cfg
         fit(tiny_cfg(*CHECKPOINTS, f"resume={tmp_path / 'changed.ckpt'}"))
     assert str(err.value).startswith("the tokenizer built from the training captions (") and "\n" not in str(err.value)
     assert "resume with the data it was trained on, or start a new run" in str(err.value)
+    cli = subprocess.run([sys.executable, "-m", "clipkit", "fit", *run, f"resume={tmp_path / 'changed.ckpt'}"],
+                         capture_output=True, text=True, timeout=300)
+    assert cli.returncode == 1 and cli.stderr.strip().splitlines()[-1] == f"clipkit: error: {err.value}"
     assert only_run_status(full.tracking_uri) == ["FINISHED"]  # no run left RUNNING
 
 
