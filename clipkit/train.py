@@ -11,8 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
-from hydra.utils import instantiate
 from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from omegaconf import DictConfig, OmegaConf, open_dict
 from transformers import PreTrainedModel

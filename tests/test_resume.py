@@ -192,3 +192,27 @@ def test_a_config_mistake_found_at_start_up_leaves_no_mlflow_run(tiny_cfg, overr
     with pytest.raises(Exception, match=error):
         fit(tiny_cfg(*extra, override))
     assert only_run_status(tiny_cfg().logger.tracking_uri) == []
+
+
+def test_a_crash_right_after_a_checkpoint_loses_no_metric_step(tiny_cfg, monkeypatch):
+    """Lightning logs a step's metrics after the batch-end hooks that save: the save sends them first."""
+    from clipkit.module import ClipKitModule
+
+    def power_cut(self, outputs, batch, batch_idx):
+        if self.trainer.global_step == 4 and not getattr(self, "resumed", False):
+            raise RuntimeError("power cut")
+
+    monkeypatch.setattr(ClipKitModule, "on_train_batch_end", power_cut, raising=False)
+    with pytest.raises(RuntimeError, match="power cut"):
+        fit(tiny_cfg(*CHECKPOINTS))
+    uri = tiny_cfg().logger.tracking_uri
+    client = mlflow.MlflowClient(uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("clipkit").experiment_id])
+    assert run.info.status == "FAILED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [16, 32, 48, 64]
+
+    monkeypatch.setattr(ClipKitModule, "resumed", True, raising=False)
+    resumed = fit(tiny_cfg(*CHECKPOINTS, "resume=auto"))
+    assert resumed.run_id == run.info.run_id
+    assert client.get_run(run.info.run_id).info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [16 * s for s in range(1, 9)]
