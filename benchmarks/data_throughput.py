@@ -28,6 +28,16 @@ from clipkit.cli import compose_config  # noqa: E402
 from clipkit.datatools import synth  # noqa: E402
 
 
+def jpeg_shards(tmp: Path, size: int, samples: int) -> list[str]:
+    """Write ``samples`` training scenes as WebDataset shards of ``size`` px JPEGs under ``tmp``; the overrides that
+    train on them at 48 px."""
+    out = tmp / f"s{size}"
+    synth(out, "wds", samples, seed=0, image_size=size, shard_size=512, image_format="jpg", retrieval_size=1,
+          eval_per_class=1)
+    return ["data=webdataset", f"data.shards={out}/train", "data.image_size=48", "data.corpus_size=2000",
+            f"paths.cache_dir={tmp}/cache"]
+
+
 def loader_rate(overrides: list[str], workers: int, batches: int) -> float:
     """Images/s over ``batches`` batches after the first (which pays for starting workers)."""
     dm = instantiate(compose_config([*overrides, f"data.num_workers={workers}"]).data)
@@ -87,11 +97,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for size in (48, 256):
-            out = Path(tmp) / f"s{size}"
-            synth(out, "wds", args.samples, seed=0, image_size=size, shard_size=512, image_format="jpg",
-                  retrieval_size=1, eval_per_class=1)
-            overrides = ["data=webdataset", f"data.shards={out}/train", "data.image_size=48", "data.corpus_size=2000",
-                         f"paths.cache_dir={tmp}/cache"]
+            overrides = jpeg_shards(Path(tmp), size, args.samples)
             rows.append((f"WebDataset, {size} px JPEG -> 48 px", [loader_rate(overrides, w, batches) for w in (0, 1, 2)]))
         stream = ["data.corpus_size=2000", f"paths.cache_dir={tmp}/cache"]
         rows.append(("generated stream (default run)", [loader_rate(stream, w, batches) for w in (0, 1, 2)]))

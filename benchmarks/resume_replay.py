@@ -22,8 +22,8 @@ from hydra.utils import instantiate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.data_throughput import jpeg_shards  # noqa: E402
 from clipkit.cli import compose_config  # noqa: E402
-from clipkit.datatools import synth  # noqa: E402
 from datamodules.stream import Counted, shuffled  # noqa: E402
 
 
@@ -55,11 +55,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for size in (48, 256):
-            out = Path(tmp) / f"wds{size}"
-            synth(out, "wds", args.samples, seed=0, image_size=size, shard_size=512, image_format="jpg",
-                  retrieval_size=1, eval_per_class=1)
-            overrides = ["data=webdataset", f"data.shards={out}/train", "data.image_size=48", "data.corpus_size=2000",
-                         f"paths.cache_dir={tmp}/cache", "data.samples_per_epoch=1000000"]
+            overrides = [*jpeg_shards(Path(tmp), size, args.samples), "data.samples_per_epoch=1000000"]
             rows.append((f"WebDataset, {size} px JPEG, shuffle buffer 1000", *rates(overrides, args.samples)))
         rows.append(("generated scenes (default)", *rates([f"paths.cache_dir={tmp}/cache"], args.samples)))
     print(f"| source ({args.samples:,} records of one reader) | replayed records/s | decoded images/s | ratio |")
