@@ -18,6 +18,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from clipkit.errors import ResumeError
+from clipkit.objectives.base import rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 
@@ -40,15 +41,11 @@ def rng_states() -> dict:
     """This process's generators (torch CPU and CUDA, Python, NumPy) as plain data that loads with
     ``weights_only=True``."""
     name, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
-            "python": random.getstate(), "numpy": [name, keys.tolist(), pos, has_gauss, gauss]}
+    return {"torch": rng_state(), "python": random.getstate(), "numpy": [name, keys.tolist(), pos, has_gauss, gauss]}
 
 
 def set_rng_states(states: dict) -> None:
-    torch.set_rng_state(states["torch"])
-    if states["cuda"] is not None:
-        torch.cuda.set_rng_state_all(states["cuda"])
+    set_rng_state(states["torch"])
     version, internal, gauss = states["python"]
     random.setstate((version, tuple(internal), gauss))
     name, keys, pos, has_gauss, gauss = states["numpy"]
