@@ -20,6 +20,20 @@ OVERRIDES = [o for o in TINY if not o.startswith(("callbacks.", "trainer.log_eve
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
+def run_cli(cmd: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    """``subprocess.run`` for multi-process runs, except that one that hangs fails with every process's Python
+    stacks (faulthandler, on SIGABRT to the whole process group: both ranks and their dataloader workers)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONFAULTHANDLER": "1"})
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGABRT)
+        out, err = proc.communicate()
+        pytest.fail(f"{' '.join(cmd[:4])} ... hung for {timeout} s; output and stacks:\n{out[-3000:]}\n{err[-12000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 @pytest.fixture(scope="module")
 def ddp_results(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
@@ -65,7 +79,7 @@ def test_fit_with_trainer_ddp_from_the_command_line(isolated, launcher):
 
     start = [sys.executable, "-m", "clipkit"] if launcher == "lightning" else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "clipkit"]
-    cli = subprocess.run([*start, "fit", *OVERRIDES, *CLI_EXTRA], capture_output=True, text=True, timeout=300)
+    cli = run_cli([*start, "fit", *OVERRIDES, *CLI_EXTRA])
     assert cli.returncode == 0, cli.stdout[-3000:] + cli.stderr[-3000:]
     assert cli.stdout.count("clipkit fit finished") == 1
     runs = mlflow.MlflowClient(tracking_uri=f"sqlite:///{isolated}/mlflow.db").search_runs(["1"])
@@ -94,8 +108,7 @@ def test_bad_sample_counts_are_summed_over_processes(isolated):
             "data.samples_per_epoch=64", "data.shuffle=false", "trainer.max_epochs=1"]
     extra = [o for o in CLI_EXTRA if not o.startswith("trainer.max_steps")] + ["trainer.max_steps=100"]
     shared = [o for o in OVERRIDES if not o.startswith("data.supersample")]  # a generated-data option
-    cli = subprocess.run([sys.executable, "-m", "clipkit", "fit", *shared, *extra, *data], capture_output=True,
-                         text=True, timeout=300)
+    cli = run_cli([sys.executable, "-m", "clipkit", "fit", *shared, *extra, *data])
     assert cli.returncode == 0, cli.stdout[-3000:] + cli.stderr[-3000:]
     (run,) = mlflow.MlflowClient(tracking_uri=f"sqlite:///{isolated}/mlflow.db").search_runs(["1"])
     assert {k: run.data.metrics[f"data/skipped/{k}"] for k in skipped} == {k: float(n) for k, n in skipped.items()}
@@ -118,8 +131,7 @@ def test_a_two_process_run_resumed_mid_epoch_ends_bitwise_where_the_uninterrupte
     shared = [o for o in OVERRIDES if not o.startswith("data.supersample")]
 
     def fit(*more):
-        cli = subprocess.run([sys.executable, "-m", "clipkit", "fit", *shared, *extra, *data, *more],
-                             capture_output=True, text=True, timeout=300)
+        cli = run_cli([sys.executable, "-m", "clipkit", "fit", *shared, *extra, *data, *more])
         assert cli.returncode == 0, cli.stdout[-3000:] + cli.stderr[-3000:]
         return torch.load(isolated / "run/checkpoints/last.ckpt", weights_only=True)
 
