@@ -8,6 +8,8 @@ import timm
 import torch
 from torch import nn
 
+from clipkit.models.locking import freeze_modes, lock
+
 
 def create_timm_model(name: str, **kwargs) -> nn.Module:
     """``timm.create_model`` without a classifier or a download, with a one-line error for a typo."""
@@ -49,7 +51,8 @@ class ImageTower(nn.Module):
     ``[B, N, token_width]`` for objectives that attend over the image (the caption decoder).
     """
 
-    def __init__(self, name: str, grad_checkpointing: bool = False, **kwargs) -> None:
+    def __init__(self, name: str, grad_checkpointing: bool = False, locked: bool = False, unlocked_layers: int = 0,
+                 **kwargs) -> None:
         super().__init__()
         self.name = name
         self.model = create_timm_model(name, **kwargs)
@@ -59,16 +62,30 @@ class ImageTower(nn.Module):
         self.token_width = self.model.num_features
         if grad_checkpointing:
             self.model.set_grad_checkpointing(True)
+        self.locked = locked
+        if locked:
+            lock(self.model, self.blocks(), unlocked_layers)
+            freeze_modes(self)  # Lightning does not call train() before fitting: a module starts in train mode
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
 
-    def block_types(self) -> set[type[nn.Module]]:
-        """Classes of the backbone's repeated blocks (a ViT's ``blocks``, the blocks inside a CNN's stages):
-        FSDP's wrapping units."""
+    def train(self, mode: bool = True) -> ImageTower:
+        super().train(mode)
+        if self.locked and mode:
+            freeze_modes(self)
+        return self
+
+    def blocks(self) -> list[nn.Module]:
+        """The backbone's repeated blocks in forward order (a ViT's ``blocks``, the blocks inside a CNN's stages)."""
         stacks = [getattr(self.model, name, None) for name in ("blocks", "stages")]
         stacks += [getattr(self.model, f"layer{i}", None) for i in range(1, 5)]  # torchvision-style ResNets
-        return {type(block) for stack in stacks if stack is not None for block in _blocks(stack)}
+        inside = {id(b) for stack in stacks if stack is not None for b in _blocks(stack)}
+        return [m for m in self.model.modules() if id(m) in inside]
+
+    def block_types(self) -> set[type[nn.Module]]:
+        """Classes of the backbone's repeated blocks: FSDP's wrapping units."""
+        return {type(block) for block in self.blocks()}
 
     def tokens(self, images: torch.Tensor) -> torch.Tensor:
         """The unpooled features as a sequence: a ViT's tokens, or a CNN's map flattened to ``[B, H*W, C]``."""

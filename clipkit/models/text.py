@@ -6,6 +6,8 @@ import torch
 from torch import nn
 from transformers import AutoModel, PretrainedConfig, PreTrainedModel
 
+from clipkit.models.locking import freeze_modes, lock
+
 POOLINGS = ("eos", "cls", "mean")
 
 
@@ -30,7 +32,8 @@ class TextTower(nn.Module):
 
     kind = "transformer"
 
-    def __init__(self, config: PretrainedConfig, pooling: str = "eos", grad_checkpointing: bool = False) -> None:
+    def __init__(self, config: PretrainedConfig, pooling: str = "eos", grad_checkpointing: bool = False,
+                 locked: bool = False, unlocked_layers: int = 0) -> None:
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"unknown text pooling {pooling!r}: choose from {', '.join(POOLINGS)}")
@@ -40,6 +43,23 @@ class TextTower(nn.Module):
         self.vocab_size = config.vocab_size
         if grad_checkpointing:
             enable_activation_checkpointing(self.model)
+        self.locked = locked
+        if locked:
+            lock(self.model, self.blocks(), unlocked_layers)
+            freeze_modes(self)  # Lightning does not call train() before fitting: a module starts in train mode
+
+    def blocks(self) -> list[nn.Module]:
+        """The transformer layers in forward order: the modules of transformers' ``_no_split_modules`` classes
+        that sit in a layer list (the embeddings are such a class too, but stand alone)."""
+        names = set(self.model._no_split_modules or ())
+        return [m for parent in self.model.modules() if isinstance(parent, nn.ModuleList)
+                for m in parent if type(m).__name__ in names]
+
+    def train(self, mode: bool = True) -> TextTower:
+        super().train(mode)
+        if self.locked and mode:
+            freeze_modes(self)
+        return self
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, L, W]
