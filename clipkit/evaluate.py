@@ -32,10 +32,10 @@ def build(ckpt: dict, stored: DictConfig):
     return module.eval()
 
 
-def datamodule(stored: DictConfig, data_cfg: DictConfig | None, tokenizer_json: str):
+def datamodule(stored: DictConfig, data_cfg: DictConfig | None, tokenizer_json: str, specials: str | None = None):
     """The stored data config (or a new one) with the checkpoint's tokenizer in place of a freshly trained one."""
     cfg = data_cfg if data_cfg is not None else stored.data
-    return instantiate(cfg, tokenizer=StoredTokenizer(tokenizer_json), _recursive_=False)
+    return instantiate(cfg, tokenizer=StoredTokenizer(tokenizer_json, specials), _recursive_=False)
 
 
 def log_report(metrics: dict[str, float], info: dict, mode: str, images_seen: int, report_path: Path) -> str | None:
@@ -76,7 +76,7 @@ def run_eval(cfg: DictConfig, data_overrides: list[str], ckpt: dict, stored: Dic
     module = build(ckpt, stored)
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     module.to(device)
-    dm = datamodule(stored, data_cfg, info["tokenizer"])
+    dm = datamodule(stored, data_cfg, info["tokenizer"], info.get("tokenizer_specials"))
     tasks = list(cfg.tasks)
     report = evaluate(module.objective, dm, tasks, device, cfg.batch_size, tuple(cfg.fewshot.ks),
                       tuple(cfg.fewshot.seeds), tuple(cfg.linear_probe.c_grid), cfg.linear_probe.val_fraction)

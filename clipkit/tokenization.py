@@ -8,6 +8,7 @@ tokenizer loaded from a local Hugging Face directory later has the same interfac
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections.abc import Iterable
 from pathlib import Path
@@ -42,10 +43,10 @@ def _train(captions: list[str], vocab_size: int) -> Tokenizer:
     return tok
 
 
-def _wrap(tok: Tokenizer, context_length: int) -> PreTrainedTokenizerFast:
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, model_max_length=context_length, padding_side="right", truncation_side="right",
-        pad_token=PAD, bos_token=BOS, eos_token=EOS, unk_token=UNK)
+def _wrap(tok: Tokenizer, context_length: int, specials: dict[str, str] | None = None) -> PreTrainedTokenizerFast:
+    specials = specials or {"pad_token": PAD, "bos_token": BOS, "eos_token": EOS, "unk_token": UNK}
+    return PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=context_length, padding_side="right",
+                                   truncation_side="right", **specials)
 
 
 def train_or_load_bpe(captions: Iterable[str], vocab_size: int, context_length: int,
@@ -74,6 +75,27 @@ def train_or_load_bpe(captions: Iterable[str], vocab_size: int, context_length: 
     return wrapped
 
 
+def pretrained_tokenizer(path: str | Path, captions: Iterable[str] = (),
+                         context_length: int = 77) -> PreTrainedTokenizerFast:
+    """The tokenizer saved with a pretrained text tower (a local Hugging Face directory: ``tokenizer.json`` or a
+    vocabulary): a pretrained tower only understands its own token ids. ``captions`` is accepted and ignored, so
+    this is a drop-in ``data.tokenizer`` factory."""
+    from transformers import AutoTokenizer
+
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"no pretrained tokenizer directory at {path}")
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    if not tokenizer.is_fast:
+        raise ValueError(f"the tokenizer in {path} has no fast (tokenizers) version: clipkit needs its tokenizer.json")
+    tokenizer.model_max_length, tokenizer.padding_side, tokenizer.truncation_side = context_length, "right", "right"
+    return tokenizer
+
+
+def special_tokens(tokenizer: PreTrainedTokenizerFast) -> dict[str, str]:
+    """What a checkpoint stores beside the tokenizer JSON to rebuild it (``StoredTokenizer``)."""
+    return dict(tokenizer.special_tokens_map)
+
+
 def tokenize(tokenizer: PreTrainedTokenizerFast, texts: list[str], context_length: int) -> dict:
     """``texts`` -> ``input_ids`` and ``attention_mask`` [N, context_length] (int64), end token kept on truncation."""
     enc = tokenizer(texts, padding="max_length", truncation=True, max_length=context_length, return_tensors="pt")
@@ -82,10 +104,12 @@ def tokenize(tokenizer: PreTrainedTokenizerFast, texts: list[str], context_lengt
 
 class StoredTokenizer:
     """A tokenizer factory (the datamodule's ``tokenizer`` argument) that returns the tokenizer a checkpoint
-    was trained with, whatever captions the new data has: evaluation must read prompts with the same vocabulary."""
+    was trained with, whatever captions the new data has: evaluation must read prompts with the same vocabulary.
+    ``specials`` names its special tokens (clipkit's BPE's when not given: checkpoints from before they were stored)."""
 
-    def __init__(self, tokenizer_json: str) -> None:
+    def __init__(self, tokenizer_json: str, specials: str | dict | None = None) -> None:
         self.tokenizer_json = tokenizer_json
+        self.specials = json.loads(specials) if isinstance(specials, str) else specials
 
     def __call__(self, captions: Iterable[str] = (), context_length: int = 77) -> PreTrainedTokenizerFast:
-        return _wrap(Tokenizer.from_str(self.tokenizer_json), context_length)
+        return _wrap(Tokenizer.from_str(self.tokenizer_json), context_length, self.specials)

@@ -5,6 +5,7 @@ The CLI and the tests call this same function, so they exercise one path.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from transformers import PreTrainedModel
 
 from clipkit.errors import ResumeError
 from clipkit.resume import check_config, check_tokenizer, locate, static_root
+from clipkit.tokenization import special_tokens
 from clipkit.tracking import MLFlowLogger, RunRecord, run_tags
 
 log = logging.getLogger(__name__)
@@ -149,7 +151,8 @@ def fit(cfg: DictConfig, preset: str | None = None) -> FitResult:
     loggers = [instantiate(cfg.logger, tags=run_tags(cfg, preset, module.objective.arm), run_id=run_id)
                ] if records else []
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    module.run_info = {"config": record.config_yaml, "tokenizer": tokenizer.backend_tokenizer.to_str()}
+    module.run_info = {"config": record.config_yaml, "tokenizer": tokenizer.backend_tokenizer.to_str(),
+                       "tokenizer_specials": json.dumps(special_tokens(tokenizer))}
     for logger in trainer.loggers:  # fast_dev_run swaps loggers for a dummy
         if isinstance(logger, MLFlowLogger):
             if run_id is None:  # a continued run has its record already

@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 
 from clipkit.checkpoint_io import write_atomically
 
-INFO_KEYS = ("config", "tokenizer", "run_id", "tracking_uri")  # ClipKitModule.run_info, stored as metadata
+# ClipKitModule.run_info, stored as metadata
+INFO_KEYS = ("config", "tokenizer", "tokenizer_specials", "run_id", "tracking_uri")
 
 
 def export_weights(state_dict: dict[str, torch.Tensor], info: dict, path: str | Path) -> Path:

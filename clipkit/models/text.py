@@ -1,6 +1,9 @@
-"""Text tower: a transformers model built from a config, pooled at the end-of-text token (or cls / mean)."""
+"""Text tower: a transformers model built from a config or loaded from a local directory, pooled at the end-of-text
+token (or cls / mean)."""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -22,6 +25,18 @@ def enable_activation_checkpointing(model: PreTrainedModel) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def load_pretrained_model(path: str) -> PreTrainedModel:
+    """A transformers encoder from a local directory (never the hub). BERT-style models come with a pooler we do
+    not use (the tower pools itself): it is dropped, or DDP would find parameters that get no gradient."""
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"model.text.pretrained={path} is not a directory (a Hugging Face model directory "
+                                f"with config.json and weights)")
+    model = AutoModel.from_pretrained(path, local_files_only=True)
+    if getattr(model, "pooler", None) is not None:
+        model.pooler = None
+    return model
+
+
 class TextTower(nn.Module):
     """``input_ids, attention_mask [B, L] -> features [B, width]``.
 
@@ -32,12 +47,16 @@ class TextTower(nn.Module):
 
     kind = "transformer"
 
-    def __init__(self, config: PretrainedConfig, pooling: str = "eos", grad_checkpointing: bool = False,
-                 locked: bool = False, unlocked_layers: int = 0) -> None:
+    def __init__(self, config: PretrainedConfig | None = None, pooling: str = "eos", grad_checkpointing: bool = False,
+                 locked: bool = False, unlocked_layers: int = 0, pretrained: str | None = None) -> None:
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"unknown text pooling {pooling!r}: choose from {', '.join(POOLINGS)}")
-        self.model = AutoModel.from_config(config)
+        if (config is None) == (pretrained is None):
+            raise ValueError("a text tower needs either model.text.config (built from scratch) or "
+                             "model.text.pretrained=DIR (a local Hugging Face model directory), not both")
+        self.model = load_pretrained_model(pretrained) if pretrained else AutoModel.from_config(config)
+        config = self.model.config
         self.pooling = pooling
         self.width = config.hidden_size
         self.vocab_size = config.vocab_size
