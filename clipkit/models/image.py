@@ -8,7 +8,7 @@ import timm
 import torch
 from torch import nn
 
-from clipkit.models.locking import freeze_modes, lock
+from clipkit.models.locking import LockableTower
 
 
 def create_timm_model(name: str, **kwargs) -> nn.Module:
@@ -43,7 +43,7 @@ def _blocks(stack: nn.Module):
             yield m
 
 
-class ImageTower(nn.Module):
+class ImageTower(LockableTower):
     """``images [B, 3, H, W] -> features [B, width]`` from timm's own pooling (cls token, avg or attention pool).
 
     Keyword arguments go to the timm constructor unchanged (``img_size``, ``patch_size``, ``depth``...),
@@ -62,19 +62,11 @@ class ImageTower(nn.Module):
         self.token_width = self.model.num_features
         if grad_checkpointing:
             self.model.set_grad_checkpointing(True)
-        self.locked = locked
         if locked:
-            lock(self.model, self.blocks(), unlocked_layers)
-            freeze_modes(self)  # Lightning does not call train() before fitting: a module starts in train mode
+            self.lock(unlocked_layers)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
-
-    def train(self, mode: bool = True) -> ImageTower:
-        super().train(mode)
-        if self.locked and mode:
-            freeze_modes(self)
-        return self
 
     def blocks(self) -> list[nn.Module]:
         """The backbone's repeated blocks in forward order (a ViT's ``blocks``, the blocks inside a CNN's stages)."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import nn
 
 
-def lock(module: nn.Module, blocks: list[nn.Module], unlocked_layers: int) -> None:
+def freeze(module: nn.Module, blocks: list[nn.Module], unlocked_layers: int) -> None:
     """Freeze ``module`` but its last ``unlocked_layers`` of ``blocks`` (in forward order) and what follows them.
     Frozen parameters get no gradient, so the optimiser holds no state for them."""
     if not 0 <= unlocked_layers <= len(blocks):
@@ -31,3 +31,24 @@ def freeze_modes(module: nn.Module) -> None:
         params = list(m.parameters())
         if params and not any(p.requires_grad for p in params):
             m.eval()
+
+
+class LockableTower(nn.Module):
+    """A tower (``model`` plus ``blocks()`` in forward order) that :meth:`lock` freezes; its ``train()`` keeps the
+    locked part in eval mode."""
+
+    locked = False
+
+    def blocks(self) -> list[nn.Module]:
+        raise NotImplementedError
+
+    def lock(self, unlocked_layers: int = 0) -> None:
+        freeze(self.model, self.blocks(), unlocked_layers)
+        self.locked = True
+        freeze_modes(self)  # Lightning does not call train() before fitting: a module starts in train mode
+
+    def train(self, mode: bool = True) -> LockableTower:
+        super().train(mode)
+        if self.locked and mode:
+            freeze_modes(self)
+        return self

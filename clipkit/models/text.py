@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers import AutoModel, PretrainedConfig, PreTrainedModel
 
-from clipkit.models.locking import freeze_modes, lock
+from clipkit.models.locking import LockableTower
 
 POOLINGS = ("eos", "cls", "mean")
 
@@ -37,7 +37,7 @@ def load_pretrained_model(path: str) -> PreTrainedModel:
     return model
 
 
-class TextTower(nn.Module):
+class TextTower(LockableTower):
     """``input_ids, attention_mask [B, L] -> features [B, width]``.
 
     ``eos`` pooling (the paper's) reads the last non-padding position, located from ``attention_mask``
@@ -62,10 +62,8 @@ class TextTower(nn.Module):
         self.vocab_size = config.vocab_size
         if grad_checkpointing:
             enable_activation_checkpointing(self.model)
-        self.locked = locked
         if locked:
-            lock(self.model, self.blocks(), unlocked_layers)
-            freeze_modes(self)  # Lightning does not call train() before fitting: a module starts in train mode
+            self.lock(unlocked_layers)
 
     def blocks(self) -> list[nn.Module]:
         """The transformer layers in forward order: the modules of transformers' ``_no_split_modules`` classes
@@ -73,12 +71,6 @@ class TextTower(nn.Module):
         names = set(self.model._no_split_modules or ())
         return [m for parent in self.model.modules() if isinstance(parent, nn.ModuleList)
                 for m in parent if type(m).__name__ in names]
-
-    def train(self, mode: bool = True) -> TextTower:
-        super().train(mode)
-        if self.locked and mode:
-            freeze_modes(self)
-        return self
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # [B, L, W]
