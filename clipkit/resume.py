@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from clipkit.errors import ResumeError
 from clipkit.objectives.base import rng_state, set_rng_state
+from clipkit.weights import read_weights
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +54,12 @@ def set_rng_states(states: dict) -> None:
 
 
 def read_checkpoint(path: Path) -> dict | None:
-    """The checkpoint at ``path`` (memory-mapped, so large ones cost little), or None if it is damaged."""
+    """The checkpoint at ``path`` (memory-mapped, so large ones cost little), or None if it is damaged. One that
+    would unpickle code is refused outright (:func:`clipkit.weights.read_weights`), not skipped."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return read_weights(path, mmap=True)
+    except ValueError as err:  # pickled code: a security refusal, not damage to fall back from
+        raise ResumeError(str(err)) from None
     except Exception as err:  # a truncated zip raises RuntimeError, an empty file EOFError, a bad pickle others
         log.warning("checkpoint %s cannot be read (%s: %s): trying the one before it", path, type(err).__name__,
                     str(err).splitlines()[0] if str(err) else "")

@@ -24,9 +24,10 @@ def export_weights(state_dict: dict[str, torch.Tensor], info: dict, path: str | 
     return write_atomically(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
 
 
-def read_weights(path: str | Path) -> dict:
+def read_weights(path: str | Path, mmap: bool = False) -> dict:
     """``{"state_dict": ..., "clipkit": run info}`` from a Lightning checkpoint or an exported ``.safetensors``.
-    A checkpoint that needs to unpickle Python objects is refused: loading it could run arbitrary code."""
+    A checkpoint that needs to unpickle Python objects is refused: loading it could run arbitrary code.
+    ``mmap`` maps a checkpoint's tensors instead of reading them (cheap to look into a large one)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no checkpoint at {path}")
@@ -37,7 +38,7 @@ def read_weights(path: str | Path) -> dict:
         info = {k.removeprefix("clipkit."): v for k, v in metadata.items() if k.startswith("clipkit.")}
         return {"state_dict": state, "clipkit": info}
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         what = str(err).split("Unsupported global: ")[-1].split(" was not")[0].split("\n")[0].removeprefix("GLOBAL ")
         raise ValueError(f"refusing to load {path}: it holds pickled Python objects ({what}), which could run code "

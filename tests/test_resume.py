@@ -174,6 +174,17 @@ def test_an_explicitly_named_damaged_checkpoint_is_refused(tmp_path):
         locate(str(path), tmp_path, [], [])
 
 
+class Payload:
+    """Stands for any object whose unpickling would run code."""
+
+
+def test_a_checkpoint_that_would_unpickle_code_is_refused_not_skipped(tmp_path):
+    torch.save({"global_step": 1}, tmp_path / "step0000001.ckpt")
+    torch.save({"global_step": 2, "extra": Payload()}, tmp_path / "last.ckpt")
+    with pytest.raises(ResumeError, match=r"refusing to load \S*last.ckpt: it holds pickled Python objects"):
+        locate("auto", tmp_path, [], [])
+
+
 def test_cli_refuses_a_missing_checkpoint_in_one_line(capsys, tmp_path):
     assert main(["fit", f"resume={tmp_path}/nothing.ckpt"]) == 2
     err = capsys.readouterr().err
