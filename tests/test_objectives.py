@@ -202,5 +202,5 @@ def test_fixed_temperature_stays_put_and_mlp_projection_is_two_layers(tokenizer)
     optimiser.step()
     assert fixed.logit_scale.item() == before
     assert [type(m).__name__ for m in fixed.image_proj] == ["Linear", "GELU", "Linear"]
-    with pytest.raises(ValueError, match="unknown projection 'deep': choose from linear, mlp"):
+    with pytest.raises(ValueError, match="unknown projection 'deep': choose from linear, affine, mlp"):
         make_projection("deep", 8, 4)

@@ -41,13 +41,15 @@ def contrastive_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch
     return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
 
 
-PROJECTIONS = ("linear", "mlp")
+PROJECTIONS = ("linear", "affine", "mlp")
 
 
 def make_projection(kind: str, width: int, embed_dim: int) -> nn.Module:
-    """The paper's linear projection (no bias), or a 2-layer MLP (SimCLR-style) for the paper's comparison."""
-    if kind == "linear":
-        return nn.Linear(width, embed_dim, bias=False)
+    """The paper's linear projection (no bias); ``affine``, a linear with a bias: the output projection of the
+    attention pool that ends OpenAI's ResNets (imported ones); or a 2-layer MLP (SimCLR-style) for the paper's
+    comparison."""
+    if kind in ("linear", "affine"):
+        return nn.Linear(width, embed_dim, bias=kind == "affine")
     if kind == "mlp":
         return nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, embed_dim, bias=False))
     raise ValueError(f"unknown projection {kind!r}: choose from {', '.join(PROJECTIONS)}")
@@ -60,17 +62,18 @@ class Contrastive(Objective):
     ``after_optimizer_step`` clamps it in place so logits are never scaled by more than ``max_logit_scale``,
     as in the paper and open_clip (clamping in the forward pass would stop its gradient instead).
     ``local_loss`` (default, the paper's) scores each process's rows against the gathered batch.
+    ``image_projection`` overrides ``projection`` on the image side.
     """
 
     batch_coupled = True  # every sample is every other's negative: see accumulated_backward
 
     def __init__(self, image_tower: nn.Module, text_tower: nn.Module, embed_dim: int = 128,
                  init_temperature: float = 0.07, max_logit_scale: float = 100.0, learn_temperature: bool = True,
-                 projection: str = "linear", local_loss: bool = True) -> None:
+                 projection: str = "linear", local_loss: bool = True, image_projection: str | None = None) -> None:
         super().__init__()
         self.image_tower = image_tower
         self.text_tower = text_tower
-        self.image_proj = make_projection(projection, image_tower.width, embed_dim)
+        self.image_proj = make_projection(image_projection or projection, image_tower.width, embed_dim)
         self.text_proj = make_projection(projection, text_tower.width, embed_dim)
         # learn_temperature=False keeps it at init_temperature: the ablation the paper argues against
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)), requires_grad=learn_temperature)
