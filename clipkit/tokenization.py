@@ -75,6 +75,12 @@ def train_or_load_bpe(captions: Iterable[str], vocab_size: int, context_length: 
     return wrapped
 
 
+def fixed_context(tokenizer: PreTrainedTokenizerFast, context_length: int) -> PreTrainedTokenizerFast:
+    """Pad and truncate on the right to ``context_length`` tokens, as clipkit's own BPE does."""
+    tokenizer.model_max_length, tokenizer.padding_side, tokenizer.truncation_side = context_length, "right", "right"
+    return tokenizer
+
+
 def pretrained_tokenizer(path: str | Path, captions: Iterable[str] = (),
                          context_length: int = 77) -> PreTrainedTokenizerFast:
     """The tokenizer saved with a pretrained text tower (a local Hugging Face directory: ``tokenizer.json`` or a
@@ -87,8 +93,29 @@ def pretrained_tokenizer(path: str | Path, captions: Iterable[str] = (),
     tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     if not tokenizer.is_fast:
         raise ValueError(f"the tokenizer in {path} has no fast (tokenizers) version: clipkit needs its tokenizer.json")
-    tokenizer.model_max_length, tokenizer.padding_side, tokenizer.truncation_side = context_length, "right", "right"
-    return tokenizer
+    return fixed_context(tokenizer, context_length)
+
+
+def openai_clip_tokenizer(context_length: int = 77) -> PreTrainedTokenizerFast:
+    """OpenAI CLIP's BPE (49,408 ids, ``<|startoftext|>``/``<|endoftext|>``), built from the merges file that
+    open_clip ships (``bpe_simple_vocab_16e6.txt.gz``; no download): the tokenizer of an imported OpenAI or open_clip
+    checkpoint. The vocabulary is assembled in OpenAI's order (bytes, bytes + ``</w>``, merges, specials), so ids
+    equal ``open_clip.tokenize``'s; unlike open_clip it does not unescape HTML entities (``&amp;``)."""
+    import gzip
+
+    try:
+        from open_clip.tokenizer import bytes_to_unicode, default_bpe
+    except ImportError:
+        raise ValueError("OpenAI's CLIP vocabulary ships in open_clip_torch (make install adds it), or pass "
+                         "tokenizer=DIR, a local Hugging Face tokenizer directory") from None
+    from transformers import CLIPTokenizer
+
+    lines = gzip.open(default_bpe()).read().decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1:49152 - 256 - 2 + 1]]
+    chars = list(bytes_to_unicode().values())
+    vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    tokenizer = CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=merges)
+    return fixed_context(tokenizer, context_length)
 
 
 def special_tokens(tokenizer: PreTrainedTokenizerFast) -> dict[str, str]:
