@@ -54,6 +54,7 @@ commands:
   compare  zero-shot accuracy against images processed, one curve per objective, from MLflow runs:
           python -m clipkit compare [--experiment ablation_fig2] [--out FILE.md] [--levels 0.3,0.5]
   ui    start the MLflow UI on 127.0.0.1 for the run store: python -m clipkit ui [port=5000]
+  predict  rank labels for images: python -m clipkit predict ckpt=PATH images=[a.png,b.jpg] labels=[cat,dog]
 """
 
 
@@ -264,7 +265,14 @@ def eval_main(args: list[str]) -> int:
     return run(args)
 
 
-COMMANDS = {"fit": fit_main, "eval": eval_main, "data": data_main, "compare": compare_main, "ui": ui_main}
+def predict_main(args: list[str]) -> int:
+    from clipkit.predict import predict_main as run
+
+    return run(args)
+
+
+COMMANDS = {"fit": fit_main, "eval": eval_main, "data": data_main, "compare": compare_main, "ui": ui_main,
+            "predict": predict_main}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,13 +7,14 @@ import json
 import time
 from pathlib import Path
 
-import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from clipkit.api import resolve_device
 from clipkit.errors import DataError
 from clipkit.tokenization import StoredTokenizer
 from clipkit.weights import read_weights
+
 
 def load_checkpoint(path: str | Path) -> tuple[dict, DictConfig]:
     """(the checkpoint or exported weights, the run's resolved config). Refuses files that cannot rebuild
@@ -74,7 +75,7 @@ def run_eval(cfg: DictConfig, data_overrides: list[str], ckpt: dict, stored: Dic
     if data_cfg is None and data_overrides:
         data_cfg = OmegaConf.merge(stored.data, OmegaConf.from_dotlist(data_overrides).data)
     module = build(ckpt, stored)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    device = resolve_device(cfg.device)
     module.to(device)
     dm = datamodule(stored, data_cfg, info["tokenizer"], info.get("tokenizer_specials"))
     tasks = list(cfg.tasks)
