@@ -55,6 +55,9 @@ commands:
           python -m clipkit compare [--experiment ablation_fig2] [--out FILE.md] [--levels 0.3,0.5]
   ui    start the MLflow UI on 127.0.0.1 for the run store: python -m clipkit ui [port=5000]
   predict  rank labels for images: python -m clipkit predict ckpt=PATH images=[a.png,b.jpg] labels=[cat,dog]
+  import   an OpenAI/open_clip CLIP checkpoint as a clipkit model (ViT and ResNet layouts):
+          python -m clipkit import ckpt=ViT-B-32.pt [out=FILE.safetensors] [act=quick_gelu|gelu]
+  export   a clipkit model for transformers or open_clip: python -m clipkit export ckpt=PATH format=hf|open_clip out=DIR
 """
 
 
@@ -271,8 +274,20 @@ def predict_main(args: list[str]) -> int:
     return run(args)
 
 
+def import_main(args: list[str]) -> int:
+    from clipkit.interop.commands import import_main as run
+
+    return run(args)
+
+
+def export_main(args: list[str]) -> int:
+    from clipkit.interop.commands import export_main as run
+
+    return run(args)
+
+
 COMMANDS = {"fit": fit_main, "eval": eval_main, "data": data_main, "compare": compare_main, "ui": ui_main,
-            "predict": predict_main}
+            "predict": predict_main, "import": import_main, "export": export_main}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -48,6 +48,8 @@ def tiny_cfg(tmp_path):
         # only the contrastive objectives have a joint embedding to shrink
         joint = not any(o.startswith("objective=") and "contrastive" not in o for o in overrides)
         tiny = [o for o in TINY if joint or not o.startswith("objective.embed_dim")]
+        if any(o.startswith("model/image=resnet") for o in overrides):  # the ViT's sizes
+            tiny = [o for o in tiny if not o.lstrip("+").startswith("model.image.")]
         return compose_config([*tiny, *(["data.supersample=1"] if synthetic else []), f"paths.output_dir={tmp_path}/out",
                                f"logger.tracking_uri=sqlite:///{tmp_path}/mlflow.db", *overrides])
     return make
