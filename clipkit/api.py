@@ -97,13 +97,18 @@ def resolve_device(name: str) -> str:
     return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 
+def checkpoint_tokenizer(ckpt: dict, stored):
+    """The tokenizer a checkpoint was trained with (stored in it), at its run's context length."""
+    from clipkit.tokenization import StoredTokenizer
+
+    info = ckpt["clipkit"]
+    return StoredTokenizer(info["tokenizer"], info.get("tokenizer_specials"))(
+        context_length=int(stored.data.context_length))
+
+
 def load(path: str | Path, device: str = "cpu", batch_size: int = 64) -> ClipModel:
     """The model in a checkpoint or ``.safetensors`` written by ``clipkit fit`` or ``clipkit import``."""
     from clipkit.evaluate import build, load_checkpoint
-    from clipkit.tokenization import StoredTokenizer
 
     ckpt, stored = load_checkpoint(path)
-    info = ckpt["clipkit"]
-    tokenizer = StoredTokenizer(info["tokenizer"], info.get("tokenizer_specials"))(
-        context_length=int(stored.data.context_length))
-    return ClipModel(build(ckpt, stored), stored, tokenizer, device, batch_size)
+    return ClipModel(build(ckpt, stored), stored, checkpoint_tokenizer(ckpt, stored), device, batch_size)

@@ -118,6 +118,13 @@ def compose_config(overrides: list[str], config_name: str = "fit") -> DictConfig
         raise UsageError(str(err).splitlines()[0]) from None
 
 
+def require(cfg: DictConfig, keys: tuple[str, ...], usage: str) -> None:
+    """A one-line usage error naming the required keys (``???`` in the command's config) left unset."""
+    missing = [k for k in keys if OmegaConf.is_missing(cfg, k)]
+    if missing:
+        raise UsageError(f"{usage.split()[3]} needs {', '.join(f'{k}=...' for k in missing)}: {usage}")
+
+
 # Hydra's flags that take a value (``--cfg job``), and those after which there is nothing to check.
 VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
                "--config-dir", "-cd", "--experimental-rerun"}

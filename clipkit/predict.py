@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
@@ -33,13 +31,11 @@ def _as_list(value) -> list[str]:
 
 def predict_main(args: list[str]) -> int:
     from clipkit.api import load, resolve_device
-    from clipkit.cli import UsageError, compose_config
+    from clipkit.cli import UsageError, compose_config, require
 
     cfg = compose_config(args, config_name="predict")
-    missing = [k for k in ("ckpt", "images", "labels") if OmegaConf.is_missing(cfg, k)]
-    if missing:
-        raise UsageError(f"predict needs {', '.join(f'{k}=...' for k in missing)}: python -m clipkit predict "
-                         f"ckpt=PATH images=[a.png,b.jpg] labels=[cat,dog]")
+    require(cfg, ("ckpt", "images", "labels"),
+            "python -m clipkit predict ckpt=PATH images=[a.png,b.jpg] labels=[cat,dog]")
     try:
         paths = image_paths(_as_list(cfg.images))
         labels = _as_list(cfg.labels)

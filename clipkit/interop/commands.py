@@ -4,19 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 FORMATS = ("hf", "open_clip")
 
 
 def import_main(args: list[str]) -> int:
-    from clipkit.cli import UsageError, compose_config
+    from clipkit.cli import UsageError, compose_config, require
     from clipkit.interop.openai_clip import import_checkpoint
 
     cfg = compose_config(args, config_name="import")
-    if OmegaConf.is_missing(cfg, "ckpt"):
-        raise UsageError("import needs a checkpoint: python -m clipkit import ckpt=ViT-B-32.pt [out=FILE.safetensors] "
-                         "[act=quick_gelu|gelu] [tokenizer=DIR]")
+    require(cfg, ("ckpt",), "python -m clipkit import ckpt=ViT-B-32.pt [out=FILE.safetensors] [act=quick_gelu|gelu] "
+                            "[tokenizer=DIR]")
     source = Path(cfg.ckpt)
     out = Path(cfg.out) if cfg.out else source.with_name(source.stem + ".clipkit.safetensors")
     if out.exists():
@@ -31,19 +28,16 @@ def import_main(args: list[str]) -> int:
 
 
 def export_main(args: list[str]) -> int:
-    from clipkit.cli import UsageError, compose_config
+    from clipkit.api import checkpoint_tokenizer
+    from clipkit.cli import UsageError, compose_config, require
     from clipkit.evaluate import build, load_checkpoint
     from clipkit.interop.hf_clip import export_hf
     from clipkit.interop.openai_clip import export_open_clip
     from clipkit.interop.towers import NotExportable
     from clipkit.objectives import Contrastive
-    from clipkit.tokenization import StoredTokenizer
 
     cfg = compose_config(args, config_name="export")
-    missing = [k for k in ("ckpt", "format", "out") if OmegaConf.is_missing(cfg, k)]
-    if missing:
-        raise UsageError(f"export needs {', '.join(f'{k}=...' for k in missing)}: python -m clipkit export "
-                         f"ckpt=PATH format=hf|open_clip out=DIR")
+    require(cfg, ("ckpt", "format", "out"), "python -m clipkit export ckpt=PATH format=hf|open_clip out=DIR")
     if cfg.format not in FORMATS:
         raise UsageError(f"format={cfg.format}: choose hf or open_clip")
     try:
@@ -52,9 +46,7 @@ def export_main(args: list[str]) -> int:
         if not isinstance(module.objective, Contrastive):
             raise NotExportable(f"{type(module.objective).__name__} has no CLIP equivalent: only a contrastive model "
                                 f"has CLIP's two towers in one embedding space")
-        info = ckpt["clipkit"]
-        tokenizer = StoredTokenizer(info["tokenizer"], info.get("tokenizer_specials"))(
-            context_length=int(stored.data.context_length))
+        tokenizer = checkpoint_tokenizer(ckpt, stored)
         out, error = (export_hf if cfg.format == "hf" else export_open_clip)(module, stored, tokenizer, cfg.out)
     except (FileNotFoundError, FileExistsError, ValueError) as err:
         raise UsageError(str(err)) from None
