@@ -83,6 +83,20 @@ def test_key_tables_agree_with_timms_own_openai_converters(imported):
     assert all(torch.equal(ours[k].flatten(), timms[k].flatten()) for k in ours)
 
 
+def test_the_head_width_the_weights_cannot_show_is_taken_as_told(isolated, capsys):
+    """Attention heads are invisible in the weights (ViT-H-14's are 80 wide, OpenAI's 64): the same weights with
+    other heads are another model, so the import uses the widths it is given."""
+    reference = open_clip_model({**SMALL_VIT, "head_width": 32}, {**SMALL_TEXT, "heads": 2})
+    torch.save(reference.state_dict(), isolated / "narrow.pt")
+    assert main(["import", f"ckpt={isolated / 'narrow.pt'}", "image_head_width=32", "text_head_width=32"]) == 0
+    embeddings_close(clipkit.load(isolated / "narrow.clipkit.safetensors"), reference, 64)
+    default = import_checkpoint(isolated / "narrow.pt", isolated / "default.safetensors")  # 64 wide: 1 head each
+    with pytest.raises(AssertionError):
+        embeddings_close(clipkit.load(default), reference, 64)
+    assert main(["import", f"ckpt={isolated / 'narrow.pt'}", "out=x.safetensors", "image_head_width=48"]) == 2
+    assert "image_head_width=48 does not divide the image tower's width 64" in capsys.readouterr().err
+
+
 def test_import_refuses_what_it_cannot_place(isolated, capsys):
     state = open_clip_model(SMALL_VIT).state_dict()
     state["visual.extra_adapter.weight"] = torch.zeros(3)

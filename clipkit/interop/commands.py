@@ -13,13 +13,13 @@ def import_main(args: list[str]) -> int:
 
     cfg = compose_config(args, config_name="import")
     require(cfg, ("ckpt",), "python -m clipkit import ckpt=ViT-B-32.pt [out=FILE.safetensors] [act=quick_gelu|gelu] "
-                            "[tokenizer=DIR]")
+                            "[image_head_width=64] [tokenizer=DIR]")
     source = Path(cfg.ckpt)
     out = Path(cfg.out) if cfg.out else source.with_name(source.stem + ".clipkit.safetensors")
     if out.exists():
         raise UsageError(f"out={out} exists: delete it or choose another out=")
     try:
-        import_checkpoint(source, out, cfg.act, cfg.tokenizer)
+        import_checkpoint(source, out, cfg.act, cfg.tokenizer, cfg.image_head_width, cfg.text_head_width)
     except (FileNotFoundError, ValueError) as err:
         raise UsageError(str(err)) from None
     print(f"imported {source} -> {out} (config, tokenizer and weights in one file)\n"

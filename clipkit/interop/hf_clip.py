@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from clipkit.interop.keymap import convert, fit_shapes
+from clipkit.interop.keymap import convert_for
 from clipkit.interop.layouts import HF_TEXT, HF_VISION
 from clipkit.interop.towers import check_reproduces, describe_text, describe_vit, write_folder
 
@@ -67,15 +67,13 @@ def export_hf(module, stored, tokenizer, out: str | Path) -> tuple[Path, float]:
     describe_text(objective.text_tower)
     text_config = objective.text_tower.model.config.to_dict()
     state = {k: v for k, v in module.state_dict().items() if k.startswith("objective.")}
-    theirs, unmatched = convert(state, HF_VISION + HF_TEXT, to_theirs=True)
-    if unmatched:
-        raise ValueError(f"no CLIPModel place for {', '.join(unmatched[:5])}")
     move_to = None
     if tokenizer.eos_token_id == LEGACY_EOS:  # clipkit's BPE: swap the end token with the tokenizer's last id
         move_to = len(tokenizer) - 1
-        rows = theirs["text_model.embeddings.token_embedding.weight"].clone()
+        key = "objective.text_tower.model.embeddings.token_embedding.weight"
+        rows = state[key].clone()
         rows[[LEGACY_EOS, move_to]] = rows[[move_to, LEGACY_EOS]]
-        theirs["text_model.embeddings.token_embedding.weight"] = rows
+        state[key] = rows
     exported_tokenizer = hf_tokenizer(tokenizer, text_config["max_position_embeddings"], move_to)
     embed_dim = objective.image_proj.out_features
     text_config.update(projection_dim=embed_dim, pad_token_id=exported_tokenizer.pad_token_id,
@@ -87,10 +85,7 @@ def export_hf(module, stored, tokenizer, out: str | Path) -> tuple[Path, float]:
     config = CLIPConfig(text_config=text_config, vision_config=vision_config, projection_dim=embed_dim,
                         logit_scale_init_value=objective.logit_scale.item())
     target = CLIPModel(config).eval()
-    reference = target.state_dict()
-    buffers = {k for k, _ in target.named_buffers()}
-    theirs.update({k: v for k, v in reference.items() if k in buffers and k not in theirs})
-    target.load_state_dict(fit_shapes(theirs, reference, "Hugging Face export"))
+    target.load_state_dict(convert_for(state, HF_VISION + HF_TEXT, True, target, "this model", "CLIPModel"))
     size, data = vision["image_size"], stored.data
     processor = CLIPImageProcessor(do_resize=True, size={"shortest_edge": size}, resample=3, do_center_crop=True,
                                    crop_size={"height": size, "width": size}, do_rescale=True, do_normalize=True,

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import torch
+from torch import nn
 
 QKV = ("q", "k", "v")
 
@@ -85,3 +86,18 @@ def fit_shapes(state: dict[str, torch.Tensor], reference: dict[str, torch.Tensor
             raise ValueError(f"{what}: {key} has shape {tuple(value.shape)}, the model's is {tuple(shape)}")
         out[key] = value.reshape(shape).to(reference[key].dtype).contiguous()
     return out
+
+
+def convert_for(state: dict[str, torch.Tensor], rules: list[Rule], to_theirs: bool, model: nn.Module,
+                source: str, target: str) -> dict:
+    """``state`` converted by ``rules`` into ``model``'s state dict: every tensor placed (else an error naming the
+    ones with no place), the model's own buffers (counters, position ids) where the source has none, and
+    :func:`fit_shapes`."""
+    converted, unmatched = convert(state, rules, to_theirs)
+    if unmatched:
+        raise ValueError(f"{len(unmatched)} tensors of {source} have no place in {target}: "
+                         f"{', '.join(unmatched[:5])}{' ...' if len(unmatched) > 5 else ''}")
+    reference = model.state_dict()
+    buffers = {k for k, _ in model.named_buffers()}
+    converted.update({k: v for k, v in reference.items() if k in buffers and k not in converted})
+    return fit_shapes(converted, reference, target)

@@ -1,9 +1,10 @@
 """OpenAI's CLIP checkpoint layout (``visual.*``, ``transformer.*``, ``text_projection``, ``logit_scale``), which
 open_clip's built-in models keep: import into clipkit towers, and export a clipkit model as an open_clip folder.
 
-The architecture of an imported checkpoint is read off its tensor shapes, as OpenAI's own ``build_model`` does;
-only the activation cannot be: OpenAI's models use QuickGELU, open_clip's own trainings (names without
-``-quickgelu``) GELU, hence ``act``.
+The architecture of an imported checkpoint is read off its tensor shapes, as OpenAI's own ``build_model`` does.
+Two things cannot be: the activation (OpenAI's models use QuickGELU, open_clip's own trainings, names without
+``-quickgelu``, GELU), hence ``act``; and the attention heads (64 wide in OpenAI's models and most of open_clip's;
+80 in ViT-H-14, 88 in ViT-g-14, 104 in ViT-bigG-14), hence ``image_head_width`` and ``text_head_width``.
 """
 
 from __future__ import annotations
@@ -16,9 +17,16 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
-from clipkit.interop.keymap import convert, fit_shapes
+from clipkit.interop.keymap import convert_for
 from clipkit.interop.layouts import OPENAI_RESNET, OPENAI_TEXT, OPENAI_VIT
-from clipkit.interop.towers import check_reproduces, describe_resnet, describe_text, describe_vit, write_folder
+from clipkit.interop.towers import (
+    NotExportable,
+    check_reproduces,
+    describe_resnet,
+    describe_text,
+    describe_vit,
+    write_folder,
+)
 from clipkit.weights import read_weights
 
 ACTIVATIONS = ("quick_gelu", "gelu")
@@ -54,14 +62,20 @@ def _count(state: dict, prefix: str) -> int:
     return len({k[len(prefix):].split(".")[0] for k in state if k.startswith(prefix)})
 
 
-def image_config(state: dict, act: str) -> tuple[dict, int, str]:
+def _heads(width: int, head_width: int, what: str) -> int:
+    if head_width <= 0 or width % head_width:
+        raise ValueError(f"{what}_head_width={head_width} does not divide the {what} tower's width {width}")
+    return width // head_width
+
+
+def image_config(state: dict, act: str, head_width: int = 64) -> tuple[dict, int, str]:
     """(clipkit image-tower config, image size, the objective's image projection kind) of OpenAI's visual tower."""
     if "visual.class_embedding" in state:
         width, _, patch, _ = state["visual.conv1.weight"].shape
         size = patch * round((state["visual.positional_embedding"].shape[0] - 1) ** 0.5)
         tower = {"name": "vit_base_patch32_clip_224",  # timm's CLIP ViT: pre-norm, LayerNorm eps 1e-5, no patch bias
                  "img_size": size, "patch_size": patch, "embed_dim": width,
-                 "depth": _count(state, "visual.transformer.resblocks."), "num_heads": width // 64,
+                 "depth": _count(state, "visual.transformer.resblocks."), "num_heads": _heads(width, head_width, "image"),
                  "mlp_ratio": state["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / width,
                  "act_layer": act}
         return {"_target_": "clipkit.models.ImageTower", **tower}, size, "linear"
@@ -78,29 +92,30 @@ def image_config(state: dict, act: str) -> tuple[dict, int, str]:
                      "visual.layer1.* (ResNet) weights")
 
 
-def text_config(state: dict, act: str, tokenizer) -> dict:
+def text_config(state: dict, act: str, tokenizer, head_width: int = 64) -> dict:
     """clipkit text-tower config (a transformers ``CLIPTextConfig``, end-of-text pooling) of OpenAI's text tower."""
     if "token_embedding.weight" not in state:
         raise ValueError("not an OpenAI/open_clip CLIP checkpoint: no token_embedding.weight (its text tower)")
     width = state["ln_final.weight"].shape[0]
     config = {"_target_": "transformers.CLIPTextConfig", "vocab_size": state["token_embedding.weight"].shape[0],
               "hidden_size": width, "intermediate_size": state["transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-              "num_hidden_layers": _count(state, "transformer.resblocks."), "num_attention_heads": width // 64,
+              "num_hidden_layers": _count(state, "transformer.resblocks."),
+              "num_attention_heads": _heads(width, head_width, "text"),
               "max_position_embeddings": state["positional_embedding"].shape[0], "hidden_act": act,
               "layer_norm_eps": 1e-5, "pad_token_id": tokenizer.pad_token_id, "bos_token_id": tokenizer.bos_token_id,
               "eos_token_id": tokenizer.eos_token_id}
     return {"_target_": "clipkit.models.TextTower", "pooling": "eos", "config": config}
 
 
-def clipkit_config(state: dict, act: str, tokenizer, source: str, output_dir: str):
+def clipkit_config(state: dict, act: str, tokenizer, source: str, output_dir: str, head_widths: tuple[int, int]):
     """The full run config of an imported checkpoint (the default fit config with these towers and sizes), so it
     is a clipkit model like any other: ``clipkit eval``, ``predict`` and ``export`` read it."""
     from clipkit.cli import compose_config
 
     if act not in ACTIVATIONS:
         raise ValueError(f"act={act!r}: choose quick_gelu (OpenAI's models, open_clip's *-quickgelu) or gelu")
-    image, size, image_projection = image_config(state, act)
-    text = text_config(state, act, tokenizer)
+    image, size, image_projection = image_config(state, act, head_widths[0])
+    text = text_config(state, act, tokenizer, head_widths[1])
     context = text["config"]["max_position_embeddings"]
     if len(tokenizer) != text["config"]["vocab_size"]:
         raise ValueError(f"the tokenizer has {len(tokenizer)} ids, the checkpoint's text tower "
@@ -117,16 +132,8 @@ def clipkit_config(state: dict, act: str, tokenizer, source: str, output_dir: st
 
 def import_state(state: dict, cfg) -> dict[str, torch.Tensor]:
     """OpenAI-layout ``state`` as the state dict of the ``ClipKitModule`` that ``cfg`` builds (checked against it)."""
-    module = instantiate(cfg.module)
     rules = (OPENAI_VIT if "visual.class_embedding" in state else OPENAI_RESNET) + OPENAI_TEXT
-    ours, unmatched = convert(state, rules, to_theirs=False)
-    if unmatched:
-        raise ValueError(f"{len(unmatched)} tensors of the checkpoint have no place in a clipkit CLIP model: "
-                         f"{', '.join(unmatched[:5])}{' ...' if len(unmatched) > 5 else ''}")
-    reference = module.state_dict()
-    buffers = {k for k, _ in module.named_buffers()}
-    ours.update({k: v for k, v in reference.items() if k in buffers and k not in ours})  # images_seen, position ids
-    return fit_shapes(ours, reference, "import")
+    return convert_for(state, rules, False, instantiate(cfg.module), "the checkpoint", "a clipkit CLIP model")
 
 
 def open_clip_config(objective, data_cfg, tokenizer, folder: Path) -> dict:
@@ -136,8 +143,8 @@ def open_clip_config(objective, data_cfg, tokenizer, folder: Path) -> dict:
     vision = describe_vit(image) if vit else describe_resnet(image)
     text = describe_text(objective.text_tower)
     if vit and vision["act"] != text["act"]:
-        raise ValueError(f"open_clip uses one activation for both towers; this image tower uses {vision['act']}, "
-                         f"the text tower {text['act']} (train with model.image.act_layer={text['act']} to export)")
+        raise NotExportable(f"open_clip uses one activation for both towers; this image tower uses {vision['act']}, "
+                            f"the text tower {text['act']} (train with model.image.act_layer={text['act']} to export)")
     vision_cfg = ({"image_size": vision["image_size"], "layers": vision["layers"], "width": vision["width"],
                    "head_width": vision["width"] // vision["heads"], "patch_size": vision["patch_size"],
                    "mlp_ratio": vision["mlp_ratio"], "norm_kwargs": {"eps": vision["eps"]}} if vit else
@@ -167,14 +174,10 @@ def export_open_clip(module, stored, tokenizer, out: str | Path) -> tuple[Path, 
     reference = target.state_dict()
     vit = "visual.class_embedding" in reference
     state = {k: v for k, v in module.state_dict().items() if k.startswith("objective.")}
-    theirs, unmatched = convert(state, (OPENAI_VIT if vit else OPENAI_RESNET) + OPENAI_TEXT, to_theirs=True)
-    if unmatched:
-        raise ValueError(f"no open_clip place for {', '.join(unmatched[:5])}")
-    if not vit and "visual.attnpool.c_proj.bias" not in theirs:  # a linear (bias-free) image projection
-        theirs["visual.attnpool.c_proj.bias"] = torch.zeros_like(reference["visual.attnpool.c_proj.bias"])
-    buffers = {k for k, _ in target.named_buffers()}
-    theirs.update({k: v for k, v in reference.items() if k in buffers and k not in theirs})
-    target.load_state_dict(fit_shapes(theirs, reference, "open_clip export"))
+    if not vit and "objective.image_proj.bias" not in state:  # a linear image projection: the pool's bias is zero
+        state["objective.image_proj.bias"] = torch.zeros_like(reference["visual.attnpool.c_proj.bias"])
+    rules = (OPENAI_VIT if vit else OPENAI_RESNET) + OPENAI_TEXT
+    target.load_state_dict(convert_for(state, rules, True, target, "this model", "open_clip's CLIP"))
 
     def write(tmp: Path) -> float:
         save_file({k: v.contiguous() for k, v in target.state_dict().items()}, str(tmp / "open_clip_model.safetensors"))
@@ -183,14 +186,17 @@ def export_open_clip(module, stored, tokenizer, out: str | Path) -> tuple[Path, 
         loaded = open_clip.create_model_and_transforms(f"local-dir:{tmp}")[0].eval()
         their_tokenizer = open_clip.get_tokenizer(f"local-dir:{tmp}")
         return check_reproduces(module, stored.data.image_size, lambda x: loaded.encode_image(x, normalize=True),
-                         lambda t: loaded.encode_text(their_tokenizer(t), normalize=True), tokenizer, "open_clip")
+                                lambda t: loaded.encode_text(their_tokenizer(t), normalize=True), tokenizer,
+                                "open_clip")
 
     return write_folder(out, write)
 
 
-def import_checkpoint(path: str | Path, out: str | Path, act: str = "quick_gelu", tokenizer_dir: str | None = None):
+def import_checkpoint(path: str | Path, out: str | Path, act: str = "quick_gelu", tokenizer_dir: str | None = None,
+                      image_head_width: int = 64, text_head_width: int = 64) -> Path:
     """Convert an OpenAI/open_clip checkpoint into a self-describing clipkit ``.safetensors`` (config, tokenizer
-    and weights: ``clipkit eval``, ``predict``, ``export`` and ``clipkit.load`` read it)."""
+    and weights: ``clipkit eval``, ``predict``, ``export`` and ``clipkit.load`` read it). The head widths are for
+    ViTs: a ResNet's attention pool has 64-wide heads, in OpenAI's models and timm's ``resnet50_clip`` alike."""
     from clipkit.tokenization import openai_clip_tokenizer, pretrained_tokenizer, special_tokens
     from clipkit.weights import export_weights
 
@@ -198,7 +204,8 @@ def import_checkpoint(path: str | Path, out: str | Path, act: str = "quick_gelu"
     context = state["positional_embedding"].shape[0] if "positional_embedding" in state else 77
     tokenizer = pretrained_tokenizer(tokenizer_dir, context_length=context) if tokenizer_dir else \
         openai_clip_tokenizer(context)
-    cfg = clipkit_config(state, act, tokenizer, str(Path(path).resolve()), str(Path(out).resolve().parent))
+    cfg = clipkit_config(state, act, tokenizer, str(Path(path).resolve()), str(Path(out).resolve().parent),
+                         (image_head_width, text_head_width))
     weights = import_state(state, cfg)
     info = {"config": OmegaConf.to_yaml(cfg, resolve=True), "tokenizer": tokenizer.backend_tokenizer.to_str(),
             "tokenizer_specials": json.dumps(special_tokens(tokenizer))}
