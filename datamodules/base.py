@@ -204,5 +204,10 @@ class CaptionDataModule(L.LightningDataModule):
         """Training and test images for linear / few-shot probes; none unless the dataset has labels."""
         return []
 
+    def shifted_sets(self) -> list[ZeroShotSet]:
+        """The zero-shot classes under distribution shift, for the robustness evaluation; none unless the data
+        draws them (the generated scenes do: ``data.shift_domains``)."""
+        return []
+
     def retrieval_sets(self) -> list[RetrievalSet]:
         return self._retrieval_sets

@@ -49,7 +49,7 @@ SHAPE_SYNONYMS = {
 SIZES = {"small": 0.3, "large": 0.5}  # object diameter as a fraction of the image side
 SIZE_SYNONYMS = {"small": ["small", "little", "tiny"], "large": ["large", "big", "huge"]}
 SPLITS = {"train": 0, "zeroshot": 1, "novel_pairs": 2, "retrieval": 3, "corpus": 4, "probe": 5,
-          "retrieval_caption": 6}
+          "retrieval_caption": 6, "shift": 7}
 
 PREFIXES = ["", "", "", "a photo of ", "image of ", "picture: ", "an illustration of ", "clipart of ",
             "stock image - ", "drawing of ", "photo: "]
@@ -156,17 +156,26 @@ def _draw_mask(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: f
         draw.polygon(_polygon(cx, cy, r, _UNIT[shape]), fill=255)
 
 
+def background(scene: Scene, side: int) -> Image.Image:
+    """The scene's vertical gradient, ``side`` pixels square."""
+    column = np.linspace(0.0, 1.0, side, dtype=np.float32)[:, None, None]
+    top, bottom = np.array(scene.background, np.float32), np.array(scene.gradient, np.float32)
+    return Image.fromarray(np.broadcast_to(top + column * (bottom - top), (side, side, 3)).astype(np.uint8), "RGB")
+
+
+def object_mask(shape: str, x: float, y: float, diameter: float, side: int) -> Image.Image:
+    """The shape's mask (``L``, 255 inside) centred at ``(x, y)`` (fractions of the side), ``diameter`` across."""
+    mask = Image.new("L", (side, side), 0)
+    _draw_mask(ImageDraw.Draw(mask), shape, x * side, y * side, diameter * side / 2)
+    return mask
+
+
 def render(scene: Scene, size: int, supersample: int = 2) -> Image.Image:
     """Rasterise at ``supersample``× and downsample, so small shapes keep anti-aliased edges."""
     big = size * supersample
-    column = np.linspace(0.0, 1.0, big, dtype=np.float32)[:, None, None]
-    top, bottom = np.array(scene.background, np.float32), np.array(scene.gradient, np.float32)
-    canvas = np.broadcast_to(top + column * (bottom - top), (big, big, 3)).astype(np.uint8)
-    image = Image.fromarray(canvas, "RGB")
+    image = background(scene, big)
     for obj in scene.objects:
-        mask = Image.new("L", (big, big), 0)
-        _draw_mask(ImageDraw.Draw(mask), obj.shape, obj.x * big, obj.y * big, SIZES[obj.size] * big / 2)
-        image.paste(COLOURS[obj.colour], mask=mask)
+        image.paste(COLOURS[obj.colour], mask=object_mask(obj.shape, obj.x, obj.y, SIZES[obj.size], big))
     return image.resize((size, size), Image.Resampling.BOX) if supersample > 1 else image
 
 
@@ -229,6 +238,13 @@ def caption(scene: Scene, rng: np.random.Generator) -> str:
 
 def all_pairs() -> list[tuple[str, str]]:
     return [(c, s) for c in COLOURS for s in SHAPES]
+
+
+def scene_classes(holdout_pairs=()) -> list[str]:
+    """Class names of the trained (colour, shape) pairs: every pair but ``holdout_pairs``, in a fixed order
+    (``${scene_classes:${data.holdout_pairs}}`` in configs: the supervised baseline's classes)."""
+    held = {tuple(p) for p in holdout_pairs or ()}
+    return [f"{c} {s}" for c, s in all_pairs() if (c, s) not in held]
 
 
 def check_pairs(pairs: list[tuple[str, str]]) -> None:

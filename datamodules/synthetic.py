@@ -22,7 +22,7 @@ from PIL import Image
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from clipkit.zeroshot import ProbeSet, RetrievalSet, ZeroShotSet, class_prompts
-from datamodules import scenes
+from datamodules import scenes, shifts
 from datamodules.base import CaptionDataModule
 from datamodules.stream import Record
 
@@ -52,8 +52,13 @@ class SyntheticScenesDataModule(CaptionDataModule):
 
     def __init__(self, tokenizer, seed: int = 0, image_size: int = 48, holdout_pairs: list[list[str]] | None = None,
                  eval_per_class: int = 20, supersample: int = 2, objects_p: tuple[float, ...] = scenes.OBJECTS_P,
-                 retrieval_captions: int = 1, probe_per_class: int = 32, **common) -> None:
+                 retrieval_captions: int = 1, probe_per_class: int = 32, shift_domains: list[str] = (),
+                 labels: bool = False, **common) -> None:
         self.retrieval_captions, self.probe_per_class = retrieval_captions, probe_per_class
+        for domain in shift_domains:
+            if domain not in shifts.SHIFTS:
+                raise ValueError(f"unknown shifted domain {domain!r}: choose from {', '.join(shifts.SHIFTS)}")
+        self.shift_domains, self.labels = list(shift_domains), labels
         self.novel_pairs = [tuple(p) for p in (holdout_pairs or [])]
         scenes.check_pairs(self.novel_pairs)
         self.train_pairs = [p for p in scenes.all_pairs() if p not in self.novel_pairs]
@@ -91,7 +96,7 @@ class SyntheticScenesDataModule(CaptionDataModule):
 
     def _classification(self, name: str, split: str, shown_pairs, class_pairs) -> ZeroShotSet:
         images, labels = self._labelled(split, shown_pairs, class_pairs)
-        classnames = [f"{colour} {shape}" for colour, shape in class_pairs]
+        classnames = [f"{colour} {shape}" for colour, shape in class_pairs]  # scenes.scene_classes' naming
         prompts = class_prompts(self.tokenizer, classnames, self.templates, self.context_length)
         return ZeroShotSet(name, images, labels, classnames, prompts)
 
@@ -120,6 +125,38 @@ class SyntheticScenesDataModule(CaptionDataModule):
         zs = next(z for z in self.zeroshot_sets() if z.name == "scenes")
         train, labels = self._labelled("probe", self.train_pairs, self.train_pairs, self.probe_per_class)
         return [ProbeSet("scenes", train, labels, zs.images, zs.labels, zs.classnames)]
+
+    def classnames(self) -> list[str]:
+        """The trained (colour, shape) pairs as class names, in the order of ``labels`` and the ``scenes`` set."""
+        return scenes.scene_classes(self.novel_pairs)
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """With ``labels``, each training batch gets ``labels [B, C]``: which trained pairs its scenes show (a scene is
+        a pure function of its key, so it is sampled again, not drawn), for the supervised baseline."""
+        batch = super().on_before_batch_transfer(batch, dataloader_idx)
+        if self.labels and isinstance(batch, dict) and "keys" in batch:
+            labels = torch.zeros(len(batch["keys"]), len(self.train_pairs))
+            for row, key in enumerate(batch["keys"]):
+                rng = scenes.sample_rng(self.seed, "train", int(key.rsplit(" ", 1)[-1]))
+                for obj in scenes.sample_scene(rng, self.train_pairs, objects_p=self.objects_p).objects:
+                    labels[row, self.train_pairs.index((obj.colour, obj.shape))] = 1.0
+            batch["labels"] = labels
+        return batch
+
+    def shifted_sets(self) -> list[ZeroShotSet]:
+        """The ``shift_domains`` (:mod:`datamodules.shifts`): ``eval_per_class`` single objects of every trained pair
+        per domain, drawn in a way training never shows, classified among the trained pairs like ``scenes``."""
+        out = []
+        for domain in self.shift_domains:
+            pairs = [self.train_pairs[i % len(self.train_pairs)]
+                     for i in range(self.eval_per_class * len(self.train_pairs))]
+            images = [pil_to_tensor(shifts.shifted_image(domain, self.seed, i, pair, self.image_size, self.supersample))
+                      for i, pair in enumerate(pairs)]
+            labels = torch.tensor([self.train_pairs.index(p) for p in pairs])
+            classnames = self.classnames()
+            prompts = class_prompts(self.tokenizer, classnames, self.templates, self.context_length)
+            out.append(ZeroShotSet(domain, self.normalize(torch.stack(images)), labels, classnames, prompts))
+        return out
 
     @cached_property
     def _retrieval_sets(self) -> list[RetrievalSet]:
