@@ -52,7 +52,7 @@ class ZeroShotEvaluation(L.Callback):
             for zs in datamodule.zeroshot_sets():
                 acc = topk_accuracy(self._scores(objective, zs.images, zs.prompts, device), zs.labels)
                 metrics.update({f"zeroshot/{zs.name}/{k}": v for k, v in acc.items()})
-            for rs in datamodule.retrieval_sets():
+            for rs in datamodule.retrieval_sets() if objective.reads_text else []:
                 scores = self._scores(objective, rs.images, rs.prompts, device)  # [images, captions]
                 for direction, s, pos in (("image_to_text", scores, rs.positives),
                                           ("text_to_image", scores.T, rs.positives.T)):

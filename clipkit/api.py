@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from clipkit.zeroshot import DEFAULT_TEMPLATES, class_prompts
+from clipkit.zeroshot import DEFAULT_TEMPLATES, class_prompts, on_device
 
 ImageInput = str | Path | Image.Image
 
@@ -84,11 +84,14 @@ class ClipModel:
             raise ValueError(f"labels must be non-empty names, got {labels}")
         if any("{}" not in t for t in templates):
             raise ValueError(f"every template needs a {{}} where the label goes, got {templates}")
-        prompts = {k: v.to(self.device) for k, v in
-                   class_prompts(self.tokenizer, labels, templates, self.context_length).items()}
+        prompts = on_device(class_prompts(self.tokenizer, labels, templates, self.context_length), self.device)
         pixels = self.preprocess(images)
         logits = torch.cat([self.objective.zero_shot_logits(pixels[i:i + self.batch_size], prompts)
                             for i in range(0, len(pixels), self.batch_size)])
+        if torch.isneginf(logits).all(dim=-1).any():  # a classifier asked only for classes it was not trained on
+            known = getattr(self.objective, "classnames", None)
+            hint = f": it knows only {', '.join(known[:8])}{' ...' if len(known) > 8 else ''}" if known else ""
+            raise ValueError(f"the model scores none of the labels {labels}{hint}")
         return logits.float().softmax(dim=-1)
 
 

@@ -39,6 +39,16 @@ def minilm_dir() -> str:
 
 
 OmegaConf.register_new_resolver("minilm_dir", minilm_dir, replace=True)
+
+
+def scene_classes(holdout_pairs):
+    """The generated scenes' trained pairs as class names (``${scene_classes:${data.holdout_pairs}}``)."""
+    from datamodules.scenes import scene_classes as classes
+
+    return OmegaConf.create(classes(OmegaConf.to_container(holdout_pairs) if holdout_pairs is not None else ()))
+
+
+OmegaConf.register_new_resolver("scene_classes", scene_classes, replace=True)
 log = logging.getLogger("clipkit")
 
 USAGE = """usage: python -m clipkit COMMAND [hydra overrides]
@@ -54,6 +64,8 @@ commands:
   compare  zero-shot accuracy against images processed, one curve per objective, from MLflow runs:
           python -m clipkit compare [--experiment ablation_fig2] [--out FILE.md] [--levels 0.3,0.5]
   ui    start the MLflow UI on 127.0.0.1 for the run store: python -m clipkit ui [port=5000]
+  robustness  accuracy under distribution shift and effective robustness against a supervised baseline:
+          python -m clipkit robustness ckpts=[contrastive/last.ckpt,supervised_run/checkpoints] [out=DIR]
   predict  rank labels for images: python -m clipkit predict ckpt=PATH images=[a.png,b.jpg] labels=[cat,dog]
   import   an OpenAI/open_clip CLIP checkpoint as a clipkit model (ViT and ResNet layouts):
           python -m clipkit import ckpt=ViT-B-32.pt [out=FILE.safetensors] [act=quick_gelu|gelu]
@@ -281,6 +293,12 @@ def predict_main(args: list[str]) -> int:
     return run(args)
 
 
+def robustness_main(args: list[str]) -> int:
+    from clipkit.robustness import robustness_main as run
+
+    return run(args)
+
+
 def import_main(args: list[str]) -> int:
     from clipkit.interop.commands import import_main as run
 
@@ -294,7 +312,7 @@ def export_main(args: list[str]) -> int:
 
 
 COMMANDS = {"fit": fit_main, "eval": eval_main, "data": data_main, "compare": compare_main, "ui": ui_main,
-            "predict": predict_main, "import": import_main, "export": export_main}
+            "predict": predict_main, "import": import_main, "export": export_main, "robustness": robustness_main}
 
 
 def main(argv: list[str] | None = None) -> int:

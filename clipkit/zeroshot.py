@@ -61,7 +61,14 @@ class ProbeSet:
 
 def class_prompts(tokenizer, classnames: list[str], templates: tuple[str, ...] | list[str],
                   context_length: int) -> dict[str, torch.Tensor]:
-    """Every template filled with every class name, tokenised to ``[C, T, L]``."""
+    """Every template filled with every class name, tokenised to ``[C, T, L]``; ``classnames`` travel along, for an
+    objective that scores class names rather than text (the supervised baseline's classifier)."""
     texts = [t.format(c) for c in classnames for t in templates]
     enc = tokenize(tokenizer, texts, context_length)
-    return {k: v.reshape(len(classnames), len(templates), context_length) for k, v in enc.items()}
+    prompts = {k: v.reshape(len(classnames), len(templates), context_length) for k, v in enc.items()}
+    return {**prompts, "classnames": list(classnames)}
+
+
+def on_device(prompts: dict, device) -> dict:
+    """``prompts`` with its tensors on ``device`` (its class names stay as they are)."""
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in prompts.items()}

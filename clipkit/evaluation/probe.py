@@ -39,16 +39,33 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
     return np.array(sorted(train)), np.array(sorted(val))
 
 
-def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
-                 c_grid: tuple[float, ...] = C_GRID, val_fraction: float = 0.2, seed: int = 0) -> dict:
-    """Sweep C on a stratified validation split of the training features, refit on all of them, score the test set."""
-    train_x, test_x = _normalise(train_x), _normalise(test_x)
+def fit_probe(train_x: np.ndarray, train_y: np.ndarray, c_grid: tuple[float, ...] = C_GRID,
+              val_fraction: float = 0.2, seed: int = 0) -> tuple[object, float, dict[float, float]]:
+    """Sweep C on a stratified validation split of the training features, refit on all of them:
+    (the probe, its C, validation top-1 by C). The probe takes raw features (it normalises them itself)."""
+    train_x = _normalise(train_x)
     fit_idx, val_idx = stratified_split(train_y, val_fraction, seed)
     val_acc = {c: float((_fit(train_x[fit_idx], train_y[fit_idx], c).predict(train_x[val_idx]) == train_y[val_idx]).mean())
                for c in c_grid}
     best = max(c_grid, key=lambda c: (val_acc[c], -abs(np.log10(c))))  # ties: the least extreme C
-    probe = _fit(train_x, train_y, best)
-    return {"top1": float((probe.predict(test_x) == test_y).mean()), "C": best,
+    return _Normalised(_fit(train_x, train_y, best)), best, val_acc
+
+
+class _Normalised:
+    """A fitted probe that L2-normalises what it is asked to predict, as it was trained."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def accuracy(self, x: np.ndarray, y: np.ndarray) -> float:
+        return float((self.model.predict(_normalise(x)) == y).mean())
+
+
+def linear_probe(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
+                 c_grid: tuple[float, ...] = C_GRID, val_fraction: float = 0.2, seed: int = 0) -> dict:
+    """:func:`fit_probe`, then top-1 on the test set."""
+    probe, best, val_acc = fit_probe(train_x, train_y, c_grid, val_fraction, seed)
+    return {"top1": probe.accuracy(test_x, test_y), "C": best,
             "validation_top1": {f"{c:g}": v for c, v in val_acc.items()}}
 
 

@@ -10,6 +10,7 @@ from tqdm.auto import tqdm
 
 from clipkit.evaluation import classification_report, retrieval_report
 from clipkit.evaluation.probe import C_GRID, few_shot, linear_probe
+from clipkit.zeroshot import on_device
 
 TASKS = ("zeroshot", "retrieval", "linear_probe", "fewshot")
 
@@ -23,7 +24,7 @@ def _as_input(objective, images: torch.Tensor, device) -> torch.Tensor:
 @torch.no_grad()
 def scores(objective, images: torch.Tensor, prompts: dict, device, batch_size: int = 256) -> torch.Tensor:
     """``[N, C]`` zero-shot scores in image chunks."""
-    prompts = {k: v.to(device) for k, v in prompts.items()}
+    prompts = on_device(prompts, device)
     return torch.cat([objective.zero_shot_logits(_as_input(objective, chunk, device), prompts).float().cpu()
                       for chunk in images.split(batch_size)])
 
@@ -47,7 +48,7 @@ def evaluate(objective, datamodule, tasks: list[str], device="cpu", batch_size: 
     jobs = []
     if "zeroshot" in tasks:
         jobs += [("zeroshot", zs) for zs in datamodule.zeroshot_sets()]
-    if "retrieval" in tasks:
+    if "retrieval" in tasks and objective.reads_text:
         jobs += [("retrieval", rs) for rs in datamodule.retrieval_sets()]
     if "linear_probe" in tasks or "fewshot" in tasks:
         jobs += [("probe", ps) for ps in datamodule.probe_sets()]

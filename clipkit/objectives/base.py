@@ -74,6 +74,10 @@ class Objective(nn.Module, ABC):
         """A readable label of what this objective trains, e.g. "contrastive (bag of words text)": runs are
         grouped by it in MLflow (tag ``clipkit.arm``) and in ``clipkit compare``."""
 
+    #: False for an objective that scores class names only (the supervised classifier): it reads no free text, so
+    #: retrieval skips it.
+    reads_text = True
+
     #: True when the loss couples the samples of a batch (each is the others' negative): then splitting the batch
     #: with ``trainer.accumulate_grad_batches`` changes the objective, and ``accumulate`` must be used instead.
     batch_coupled = False
