@@ -146,15 +146,15 @@ class SyntheticScenesDataModule(CaptionDataModule):
     def shifted_sets(self) -> list[ZeroShotSet]:
         """The ``shift_domains`` (:mod:`datamodules.shifts`): ``eval_per_class`` single objects of every trained pair
         per domain, drawn in a way training never shows, classified among the trained pairs like ``scenes``."""
+        n = len(self.train_pairs)
+        pairs = [self.train_pairs[i % n] for i in range(self.eval_per_class * n)]
+        labels = torch.tensor([self.train_pairs.index(p) for p in pairs])
+        classnames = self.classnames()
+        prompts = class_prompts(self.tokenizer, classnames, self.templates, self.context_length)
         out = []
         for domain in self.shift_domains:
-            pairs = [self.train_pairs[i % len(self.train_pairs)]
-                     for i in range(self.eval_per_class * len(self.train_pairs))]
             images = [pil_to_tensor(shifts.shifted_image(domain, self.seed, i, pair, self.image_size, self.supersample))
                       for i, pair in enumerate(pairs)]
-            labels = torch.tensor([self.train_pairs.index(p) for p in pairs])
-            classnames = self.classnames()
-            prompts = class_prompts(self.tokenizer, classnames, self.templates, self.context_length)
             out.append(ZeroShotSet(domain, self.normalize(torch.stack(images)), labels, classnames, prompts))
         return out
 
