@@ -47,12 +47,14 @@ def claims(rows: list[dict]) -> list[str]:
     er_zs, er_probe = (mean(r["effective_robustness"].values()) for r in (zero_shot, probe))
     per_domain = ", ".join(f"{d} {100 * v:+.1f}" for d, v in zero_shot["effective_robustness"].items())
     note = " (the trend is extrapolated beyond the supervised accuracies)" if zero_shot.get("extrapolated") else ""
+    verdict = ("reproduced" if er_probe < er_zs else "not reproduced") if er_zs > 0 else \
+        "not tested: zero-shot showed no robustness to give back"
     return [
         f"| zero-shot contrastive is more robust than a supervised model of matched in-distribution accuracy | "
         f"{'reproduced' if er_zs > 0 else 'not reproduced'} | effective robustness {100 * er_zs:+.1f} points, mean "
         f"over {len(zero_shot['effective_robustness'])} shifted domains ({per_domain}){note} |",
         f"| a linear probe fitted in distribution gives back part of that robustness | "
-        f"{'reproduced' if er_probe < er_zs else 'not reproduced'} | probe {100 * er_probe:+.1f} vs zero-shot "
+        f"{verdict} | probe {100 * er_probe:+.1f} vs zero-shot "
         f"{100 * er_zs:+.1f} points; in-distribution top-1 probe {100 * probe['accuracy']['in_distribution']:.1f} % vs "
         f"zero-shot {100 * zero_shot['accuracy']['in_distribution']:.1f} % |",
     ]
