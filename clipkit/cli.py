@@ -137,6 +137,21 @@ def require(cfg: DictConfig, keys: tuple[str, ...], usage: str) -> None:
         raise UsageError(f"{usage.split()[3]} needs {', '.join(f'{k}=...' for k in missing)}: {usage}")
 
 
+def expand_paths(entries: list[str], in_folder, missing: str) -> list[Path]:
+    """Paths given on the command line: files as given, a folder as what ``in_folder(folder)`` finds in it (which
+    raises if nothing), anything else a ``FileNotFoundError`` reading ``f"{missing}{path}"``."""
+    out = []
+    for entry in entries:
+        path = Path(entry)
+        if path.is_dir():
+            out += in_folder(path)
+        elif path.is_file():
+            out.append(path)
+        else:
+            raise FileNotFoundError(f"{missing}{path}")
+    return out
+
+
 # Hydra's flags that take a value (``--cfg job``), and those after which there is nothing to check.
 VALUE_FLAGS = {"--cfg", "-c", "--package", "-p", "--config-path", "-cp", "--config-name", "-cn",
                "--config-dir", "-cd", "--experimental-rerun"}

@@ -8,21 +8,18 @@ from pathlib import Path
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
+def images_in(folder: Path) -> list[Path]:
+    found = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not found:
+        raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in folder {folder}")
+    return found
+
+
 def image_paths(entries: list[str]) -> list[Path]:
     """Files as given, folders as their image files by name; a path that does not exist is an error."""
-    paths = []
-    for entry in entries:
-        path = Path(entry)
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                raise FileNotFoundError(f"no images ({', '.join(sorted(IMAGE_SUFFIXES))}) in folder {path}")
-            paths += found
-        elif path.is_file():
-            paths.append(path)
-        else:
-            raise FileNotFoundError(f"no such image or folder: {path}")
-    return paths
+    from clipkit.cli import expand_paths
+
+    return expand_paths(entries, images_in, "no such image or folder: ")
 
 
 def _as_list(value) -> list[str]:

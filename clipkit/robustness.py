@@ -14,21 +14,19 @@ from clipkit.evaluation.robustness import IN_DISTRIBUTION, domain_accuracies, ef
 BASELINE = "supervised"
 
 
+def checkpoints_in(folder: Path) -> list[Path]:
+    """A run's trajectory: its ``step*.ckpt`` checkpoints (in ``folder`` or its ``checkpoints/``), by name."""
+    found = sorted(folder.glob("step*.ckpt")) or sorted(folder.glob("checkpoints/step*.ckpt"))
+    if not found:
+        raise FileNotFoundError(f"no step*.ckpt checkpoints in {folder}")
+    return found
+
+
 def checkpoint_paths(entries: list[str]) -> list[Path]:
-    """Files as given; a folder stands for its ``step*.ckpt`` checkpoints (a run's trajectory), by name."""
-    out = []
-    for entry in entries:
-        path = Path(entry)
-        if path.is_dir():
-            found = sorted(path.glob("step*.ckpt")) or sorted(path.glob("checkpoints/step*.ckpt"))
-            if not found:
-                raise FileNotFoundError(f"no step*.ckpt checkpoints in {path}")
-            out += found
-        elif path.is_file():
-            out.append(path)
-        else:
-            raise FileNotFoundError(f"no checkpoint at {path}")
-    return out
+    """Files as given; a folder stands for its checkpoints (:func:`checkpoints_in`)."""
+    from clipkit.cli import expand_paths
+
+    return expand_paths(entries, checkpoints_in, "no checkpoint at ")
 
 
 def model_rows(path: Path, cfg, seed: int, datamodules: dict) -> list[dict]:
