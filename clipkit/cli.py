@@ -22,7 +22,7 @@ from hydra.errors import ConfigCompositionException, HydraException, Instantiati
 from omegaconf import DictConfig, OmegaConf
 
 from clipkit.errors import DataError, ResumeError, TrainingDiverged
-from clipkit.tracking import REPO_ROOT, runs_url
+from clipkit.tracking import REPO_ROOT, compare_runs_url, run_url, runs_url
 
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 OmegaConf.register_new_resolver("clipkit_root", lambda: str(REPO_ROOT), replace=True)
@@ -62,8 +62,9 @@ commands:
           python -m clipkit data synth --out DIR --format wds|csv --samples N
           python -m clipkit data inspect PATH   (shards, CSV/TSV or image folder; writes a contact sheet)
   compare  zero-shot accuracy against images processed, one curve per objective, from MLflow runs:
-          python -m clipkit compare [--experiment ablation_fig2] [--out FILE.md] [--levels 0.3,0.5]
-  ui    start the MLflow UI on 127.0.0.1 for the run store: python -m clipkit ui [port=5000]
+          python -m clipkit compare [--experiment ablation_fig2 | --sweep ID|NAME] [--out FILE.md] [--levels 0.3,0.5]
+  ui    start the MLflow UI on 127.0.0.1 for the run store, on the experiment of the newest run:
+          python -m clipkit ui [port=5000] [experiments=PRESET | experiment_name=NAME] [sweep=ID|NAME]
   robustness  accuracy under distribution shift and effective robustness against a supervised baseline:
           python -m clipkit robustness ckpts=[contrastive/last.ckpt,supervised_run/checkpoints] [out=DIR]
   predict  rank labels for images: python -m clipkit predict ckpt=PATH images=[a.png,b.jpg] labels=[cat,dog]
@@ -250,33 +251,75 @@ def print_summary(result) -> None:
 def fit_main(overrides: list[str]) -> int:
     preflight(overrides)
     sys.argv = ["clipkit fit", *overrides]
-    hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="fit")(_fit_task)()
+    from clipkit.sweep import close_open
+
+    try:
+        hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="fit")(_fit_task)()
+    except KeyboardInterrupt:
+        close_open("KILLED")
+        raise
+    except BaseException:
+        close_open("FAILED")  # a job stopped the multirun: its parent run is not left RUNNING
+        raise
     return 0
 
 
+def ui_experiment(client, cfg: DictConfig, named: bool):
+    """The experiment the UI opens on: the one named on the command line (``experiments=PRESET`` or
+    ``experiment_name=...``), else the one holding the most recent run (what you just trained); None if the store
+    has neither."""
+    if named:
+        return client.get_experiment_by_name(cfg.logger.experiment_name)
+    ids = [e.experiment_id for e in client.search_experiments()]
+    latest = client.search_runs(ids, max_results=1, order_by=["attributes.start_time DESC"]) if ids else []
+    if latest:
+        return client.get_experiment(latest[0].info.experiment_id)
+    return client.get_experiment_by_name(cfg.logger.experiment_name)
+
+
 def ui_main(args: list[str]) -> int:
-    """Serve the MLflow UI for the store ``fit`` writes to (same config, same overrides)."""
-    port = 5000
-    rest = []
+    """Serve the MLflow UI for the store ``fit`` writes to (same config, same overrides), opening on the right
+    experiment; ``sweep=ID|NAME`` also prints the addresses of that sweep's parent run and of its jobs' comparison."""
+    port, sweep, rest = 5000, None, []
     for arg in args:
         if arg.startswith("port="):
             value = arg.split("=", 1)[1]
             if not value.isdigit():
                 raise UsageError(f"port must be a number, got {value!r}")
             port = int(value)
+        elif arg.startswith("sweep="):
+            sweep = arg.split("=", 1)[1]
         else:
             rest.append(arg)
     cfg = compose_config(rest)
-    uri, name = cfg.logger.tracking_uri, cfg.logger.experiment_name
+    uri = cfg.logger.tracking_uri
     import mlflow
 
-    experiment = mlflow.MlflowClient(tracking_uri=uri).get_experiment_by_name(name)
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    lines = []
+    if sweep:
+        from clipkit.compare import find_sweep
+        from clipkit.sweep import children
+
+        try:
+            parent = find_sweep(client, sweep, None)
+        except ValueError as err:
+            raise UsageError(str(err)) from None
+        experiment = client.get_experiment(parent.info.experiment_id)
+        jobs = [r.info.run_id for r in children(client, parent)]
+        lines += [f"  sweep {parent.info.run_name!r}: {run_url('127.0.0.1', port, experiment.experiment_id, parent.info.run_id)}",
+                  f"  its {len(jobs)} jobs side by side: {compare_runs_url('127.0.0.1', port, experiment.experiment_id, jobs)}"]
+    else:
+        named = cfg.logger.experiment_name != compose_config([]).logger.experiment_name
+        experiment = ui_experiment(client, cfg, named)
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri, "--host", "127.0.0.1",
            "--port", str(port), "--workers", "1"]
     server = subprocess.Popen(cmd)
     where = runs_url("127.0.0.1", port, experiment.experiment_id) if experiment else f"http://127.0.0.1:{port}"
-    note = "" if experiment else f" (no experiment {name!r} in {uri} yet)"
+    note = f" (experiment {experiment.name!r})" if experiment else f" (no experiment {cfg.logger.experiment_name!r} in {uri} yet)"
     print(f"MLflow UI for {uri}: {where}{note}  (ready in ~15 s; Ctrl-C stops it)", flush=True)
+    if lines:
+        print("\n".join(lines), flush=True)
     try:
         return server.wait()
     except KeyboardInterrupt:

@@ -1,10 +1,11 @@
 """``python -m clipkit compare``: the paper's Figure 2 from MLflow runs.
 
-Reads every finished run of an experiment, groups them by their ``clipkit.arm`` tag (the objective's own
-label, so nothing here knows which objectives exist), and writes a plot of a zero-shot metric against images
-processed (mean over seeds, min–max band) and a Markdown table: final accuracy, images needed to reach fixed
-accuracy levels, and each arm's efficiency relative to the best arm at each level. Both are logged as
-artifacts of a ``compare`` run in the same experiment, which later comparisons skip.
+Reads every finished run of an experiment, grouped by their ``clipkit.arm`` tag (the objective's own label, so
+nothing here knows which objectives exist), or the child runs of one sweep (``--sweep``: a ``fit -m`` grid),
+grouped by the values the grid varies other than the seed; and writes a plot of a zero-shot metric against
+images processed (mean over seeds, min–max band) and a Markdown table: final accuracy, images needed to reach
+fixed accuracy levels, and each group's efficiency relative to the best at each level. Both are logged to
+MLflow: onto the sweep's parent run, or onto a ``compare`` run of the experiment, which later comparisons skip.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-COMPARISON_TAG = "clipkit.kind"  # = "comparison" on the runs this command creates
+from clipkit.sweep import KIND_TAG, VARIES_TAG, children, parse_overrides
+
 
 
 @dataclass
@@ -160,13 +162,13 @@ def plot(arms: list[Arm], metric: str, path: Path) -> None:
     plt.close(fig)
 
 
-def load_arms(client, experiment_id: str, metric: str | None) -> tuple[list[Arm], str, dict[str, int]]:
-    """Finished runs grouped by arm (ordered by final accuracy, lowest first), the metric, and what was left out."""
-    runs = client.search_runs([experiment_id], max_results=10000)
+def load_arms(client, runs: list, metric: str | None, label=None) -> tuple[list[Arm], str, dict[str, int]]:
+    """Finished runs grouped by ``label(run)`` (default: the arm tag), ordered by final accuracy, lowest first;
+    the metric; and what was left out."""
     skipped = {"unfinished runs": 0, "runs without the metric": 0}
     finished = []
     for run in runs:
-        if run.data.tags.get(COMPARISON_TAG) == "comparison":
+        if run.data.tags.get(KIND_TAG) in ("comparison", "sweep"):
             continue
         if run.info.status != "FINISHED":
             skipped["unfinished runs"] += 1
@@ -175,7 +177,7 @@ def load_arms(client, experiment_id: str, metric: str | None) -> tuple[list[Arm]
     if metric is None:
         names = sorted({k for r in finished for k in r.data.metrics if k.startswith("zeroshot/") and k.endswith("/top1")})
         if not names:
-            raise ValueError("no finished run in this experiment logged a zeroshot/<set>/top1 metric")
+            raise ValueError("no finished run logged a zeroshot/<set>/top1 metric")
         metric = "zeroshot/scenes/top1" if "zeroshot/scenes/top1" in names else names[0]
     by_arm: dict[str, Arm] = defaultdict(lambda: Arm(""))
     for run in finished:
@@ -184,7 +186,7 @@ def load_arms(client, experiment_id: str, metric: str | None) -> tuple[list[Arm]
             skipped["runs without the metric"] += 1
             continue
         tags = run.data.tags
-        arm = tags.get("clipkit.arm") or tags.get("clipkit.objective", "unknown")
+        arm = label(run) if label else _arm(run)
         minutes = ((run.info.end_time or 0) - run.info.start_time) / 60000 if run.info.end_time else float("nan")
         by_arm[arm].name = arm
         by_arm[arm].curves.append(Curve(run.info.run_id, arm, tags.get("clipkit.seed", "?"),
@@ -193,46 +195,105 @@ def load_arms(client, experiment_id: str, metric: str | None) -> tuple[list[Arm]
                                         minutes, tags.get("clipkit.overrides", ""),
                                         tags.get("clipkit.git_revision", "")))
     if not by_arm:
-        raise ValueError(f"no finished run in this experiment logged {metric!r}")
+        raise ValueError(f"no finished run logged {metric!r}")
     arms = sorted(by_arm.values(), key=lambda a: float(a.final().mean()))
     for a in arms:
         a.curves.sort(key=lambda c: c.seed)
     return arms, metric, skipped
 
 
+def _arm(run) -> str:
+    return run.data.tags.get("clipkit.arm") or run.data.tags.get("clipkit.objective", "unknown")
+
+
+def sweep_label(run) -> str:
+    """A sweep's curve: the child's values of the grid's keys except the seed (its seeds make the band), the
+    objective shown as its arm label; the arm alone when only seeds vary."""
+    parts = []
+    for key, values, text in parse_overrides(run.data.tags.get(VARIES_TAG, "").split()):
+        if key.lstrip("+~") == "seed":
+            continue
+        parts.append(_arm(run) if key.lstrip("+~") == "objective" else text)
+    return ", ".join(parts) or _arm(run)
+
+
+def find_sweep(client, ref: str, experiment: str | None):
+    """The parent run of a sweep, by run id or by name (the newest of that name, in ``experiment`` if given)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = client.get_run(ref)
+    except MlflowException:
+        run = None
+    if run is None:
+        experiments = [client.get_experiment_by_name(experiment)] if experiment else client.search_experiments()
+        ids = [e.experiment_id for e in experiments if e is not None]
+        sweeps = client.search_runs(ids, f"tags.`{KIND_TAG}` = 'sweep'", max_results=10000,
+                                    order_by=["attributes.start_time DESC"]) if ids else []
+        named = [r for r in sweeps if r.info.run_name == ref]
+        if not named:
+            known = ", ".join(dict.fromkeys(f"{r.info.run_name!r}" for r in sweeps[:5])) or "none"
+            raise ValueError(f"no sweep run with id or name {ref!r}" + (f" in experiment {experiment!r}" if experiment
+                             else "") + f" (newest sweeps: {known})")
+        if len(named) > 1:
+            print(f"{len(named)} sweeps are named {ref!r}: using the newest, {named[0].info.run_id}", file=sys.stderr)
+        run = named[0]
+    if run.data.tags.get(KIND_TAG) != "sweep":
+        raise ValueError(f"run {ref} is not a sweep's parent run (made by python -m clipkit fit -m ...)")
+    return run
+
+
 def _slug(text: str) -> str:
     return "".join(ch if ch.isalnum() else "_" for ch in text).strip("_")
 
 
-def compare(tracking_uri: str, experiment: str, out: Path, metric: str | None = None,
-            levels: list[float] | None = None, command: str = "python -m clipkit compare", log: bool = True) -> str:
-    """Write ``out`` (Markdown) and ``out`` with ``.png`` (plot); log both to a ``compare`` run. Returns the Markdown."""
+def compare(tracking_uri: str, experiment: str | None, out: Path | None, metric: str | None = None,
+            levels: list[float] | None = None, command: str = "python -m clipkit compare", log: bool = True,
+            sweep: str | None = None) -> tuple[str, Path]:
+    """Write the Markdown table and its plot (``out`` with ``.png``) for an experiment's runs, or for the child runs
+    of a ``sweep`` (parent run id or name); log both to MLflow: onto the sweep's parent run, or onto a new
+    ``compare`` run of the experiment. Returns the Markdown and where it was written."""
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
-    if exp is None:
-        names = [e.name for e in client.search_experiments()]
-        raise ValueError(f"no MLflow experiment {experiment!r} in {tracking_uri} (there are: {', '.join(names) or 'none'})")
-    arms, metric, skipped = load_arms(client, exp.experiment_id, metric)
+    if sweep is not None:
+        parent = find_sweep(client, sweep, experiment)
+        arms, metric, skipped = load_arms(client, children(client, parent), metric, sweep_label)
+        experiment_id, name = parent.info.experiment_id, _slug(parent.info.run_name) or parent.info.run_id
+    else:
+        experiment = experiment or "ablation_fig2"
+        exp = client.get_experiment_by_name(experiment)
+        if exp is None:
+            names = [e.name for e in client.search_experiments()]
+            raise ValueError(f"no MLflow experiment {experiment!r} in {tracking_uri} (there are: "
+                             f"{', '.join(names) or 'none'})")
+        runs = client.search_runs([exp.experiment_id], max_results=10000)
+        arms, metric, skipped = load_arms(client, runs, metric)
+        experiment_id, name = exp.experiment_id, experiment
     levels = levels or default_levels(arms)
+    out = out or Path("outputs/compare") / f"{name}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
     png = out.with_suffix(".png")
     plot(arms, metric, png)
     text = markdown(arms, metric, levels, png.name, command, skipped)
     out.write_text(text)
     if log:
-        run = client.create_run(exp.experiment_id, run_name="compare", tags={COMPARISON_TAG: "comparison"})
+        if sweep is not None:
+            run_id, folder = parent.info.run_id, "compare"
+        else:
+            run_id, folder = client.create_run(experiment_id, run_name="compare",
+                                               tags={KIND_TAG: "comparison"}).info.run_id, None
         need = efficiency(arms, levels)
         for a in arms:
-            client.log_metric(run.info.run_id, f"compare/{_slug(a.name)}/final_mean", float(a.final().mean()))
+            client.log_metric(run_id, f"compare/{_slug(a.name)}/final_mean", float(a.final().mean()))
             for lv, n in need[a.name].items():
                 if n is not None:
-                    client.log_metric(run.info.run_id, f"compare/{_slug(a.name)}/images_to_{round(100 * lv)}pct", n)
-        client.log_artifact(run.info.run_id, str(out))
-        client.log_artifact(run.info.run_id, str(png))
-        client.set_terminated(run.info.run_id)
-    return text
+                    client.log_metric(run_id, f"compare/{_slug(a.name)}/images_to_{round(100 * lv)}pct", n)
+        client.log_artifact(run_id, str(out), folder)
+        client.log_artifact(run_id, str(png), folder)
+        if sweep is None:
+            client.set_terminated(run_id)
+    return text, out
 
 
 def parse_levels(text: str) -> list[float]:
@@ -255,7 +316,10 @@ def compare_main(args: list[str]) -> int:
                     "processed, one curve per arm (objective) with seed bands, and a Markdown table.",
         epilog="Extra key=value arguments are config overrides that locate the run store, as for fit "
                "(e.g. logger.tracking_uri=sqlite:///other.db).")
-    parser.add_argument("--experiment", default="ablation_fig2", help="MLflow experiment name (default: %(default)s)")
+    parser.add_argument("--experiment", default=None, help="MLflow experiment name (default: ablation_fig2; with "
+                        "--sweep, where to look the sweep's name up)")
+    parser.add_argument("--sweep", default=None, help="compare the jobs of one Hydra multirun (fit -m): its MLflow "
+                        "parent run's id or name; plot and table become artifacts of that run")
     parser.add_argument("--metric", default=None, help="metric to plot (default: zeroshot/scenes/top1, or the first "
                         "zeroshot/<set>/top1 the runs logged)")
     parser.add_argument("--levels", type=parse_levels, default=None,
@@ -263,20 +327,21 @@ def compare_main(args: list[str]) -> int:
                              "the best arm's accuracy)")
     parser.add_argument("--out", type=Path, default=None,
                         help="Markdown file to write; the plot goes beside it as .png "
-                             "(default: outputs/compare/EXPERIMENT.md)")
+                             "(default: outputs/compare/EXPERIMENT.md, or the sweep's name)")
     parser.add_argument("--no-log", action="store_true", help="do not log the comparison to MLflow")
     known, overrides = parser.parse_known_args(args)
     bad = [o for o in overrides if "=" not in o]
     if bad:
         raise UsageError(f"unrecognised argument {bad[0]!r} (see python -m clipkit compare --help)")
     cfg = compose_config(overrides)
-    out = known.out or Path("outputs/compare") / f"{known.experiment}.md"
     command = shlex.join(["python", "-m", "clipkit", "compare", *args])
     try:
-        compare(cfg.logger.tracking_uri, known.experiment, out, known.metric, known.levels, command,
-                log=not known.no_log)
+        _, out = compare(cfg.logger.tracking_uri, known.experiment, known.out, known.metric, known.levels, command,
+                         log=not known.no_log, sweep=known.sweep)
     except ValueError as err:
         raise UsageError(str(err)) from None
-    print(f"wrote {out} and {out.with_suffix('.png')}" + ("" if known.no_log else
-          f" (logged to a 'compare' run of experiment {known.experiment!r})"), file=sys.stdout)
+    where = f"the sweep's parent run {known.sweep!r}" if known.sweep else \
+        f"a 'compare' run of experiment {known.experiment or 'ablation_fig2'!r}"
+    print(f"wrote {out} and {out.with_suffix('.png')}" + ("" if known.no_log else f" (logged to {where})"),
+          file=sys.stdout)
     return 0

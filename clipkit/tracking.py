@@ -90,6 +90,40 @@ def run_tags(cfg: DictConfig, preset: str | None, arm: str | None = None) -> dic
     }
 
 
+def _choices() -> dict[str, str]:
+    from hydra.core.hydra_config import HydraConfig
+
+    return {k: str(v) for k, v in HydraConfig.get().runtime.choices.items()} if HydraConfig.initialized() else {}
+
+
+def _component(node: Any, choice: str | None) -> str:
+    """A config sub-tree as the choice that made it, else its class (and its ``name``: the timm model)."""
+    if choice:
+        return choice
+    if not isinstance(node, DictConfig) or "_target_" not in node:
+        return "none"
+    kind = str(node._target_).rsplit(".", 1)[-1]
+    return f"{kind}({node.name})" if isinstance(node.get("name"), str) else kind
+
+
+def component_tags(cfg: DictConfig) -> dict[str, str]:
+    """Which data and towers a run trained, for filtering and grouping in the UI: the config choices
+    (``model/image=vit_tiny_hybrid``) where the objective uses ``model.*``, else the class it builds (the
+    bag-of-words tower inside ``objective=bow_contrastive``), ``none`` for a tower the objective does not have.
+    Read before ``instantiate``, which can resolve the ``${model.image}`` interpolations in place."""
+    choices, objective = _choices(), cfg.objective
+    tags = {"clipkit.data": _component(cfg.data, choices.get("data"))}
+    for tower, group in (("image_tower", "model/image"), ("text_tower", "model/text")):
+        uses_group = tower in objective and OmegaConf.is_interpolation(objective, tower) and \
+            objective._get_node(tower)._value() == "${" + group.replace("/", ".") + "}"
+        node = objective.get(tower) if tower in objective else None
+        if node is None and tower == "text_tower" and isinstance(objective.get("decoder"), DictConfig):
+            tags[f"clipkit.{tower}"] = f"decoder {_component(objective.decoder, None)}"  # the caption model's
+            continue
+        tags[f"clipkit.{tower}"] = _component(node, choices.get(group) if uses_group else None)
+    return tags
+
+
 def _command_line() -> list[str]:
     from hydra.core.hydra_config import HydraConfig
 
@@ -103,10 +137,11 @@ class RunRecord:
 
     params: dict[str, Any]
     config_yaml: str
+    tags: dict[str, str]  # component_tags
 
     @classmethod
     def of(cls, cfg: DictConfig) -> RunRecord:
-        return cls(flatten_config(cfg), OmegaConf.to_yaml(cfg, resolve=True))
+        return cls(flatten_config(cfg), OmegaConf.to_yaml(cfg, resolve=True), component_tags(cfg))
 
     def log(self, logger: MLFlowLogger, extra_artifacts: list[str | Path] = ()) -> None:
         """Params = the flattened resolved config; artifacts = the resolved config (enough, with the git
@@ -123,6 +158,20 @@ class RunRecord:
 def runs_url(host: str, port: int, experiment_id: str) -> str:
     """The training-runs table (MLflow 3 opens an experiment on its GenAI overview otherwise)."""
     return f"http://{host}:{port}/#/experiments/{experiment_id}/runs"
+
+
+def run_url(host: str, port: int, experiment_id: str, run_id: str) -> str:
+    """One run's page: a sweep's parent shows its grid (params) and the comparison (artifacts)."""
+    return f"http://{host}:{port}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def compare_runs_url(host: str, port: int, experiment_id: str, run_ids: list[str]) -> str:
+    """MLflow's side-by-side view of runs (params that differ, metric charts)."""
+    import json
+    from urllib.parse import quote
+
+    return (f"http://{host}:{port}/#/compare-runs?runs={quote(json.dumps(run_ids, separators=(',', ':')))}"
+            f"&experiments={quote(json.dumps([experiment_id]))}")
 
 
 def check_tracking_server(uri: str, timeout: float = 5.0) -> None:

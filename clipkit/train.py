@@ -20,6 +20,7 @@ from transformers import PreTrainedModel
 
 from clipkit.errors import ResumeError
 from clipkit.resume import check_config, check_tokenizer, locate, static_root
+from clipkit.sweep import job_run
 from clipkit.tokenization import special_tokens
 from clipkit.tracking import MLFlowLogger, RunRecord, run_tags
 
@@ -133,6 +134,7 @@ def fit(cfg: DictConfig, preset: str | None = None) -> FitResult:
         log.info("model.%s is not used by %s: not built, not recorded", name, cfg.objective._target_)
     resume = find_resume(cfg)
     record = RunRecord.of(cfg)
+    job = job_run(cfg, preset)  # its name; in a multirun, the sweep's parent run it nests under
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     log.info("data: %s", cfg.data._target_)
@@ -148,8 +150,9 @@ def fit(cfg: DictConfig, preset: str | None = None) -> FitResult:
     # creating an MLflow client opens (and, for sqlite, creates) the store: ranks would race on it.
     records = cfg.get("logger") is not None and rank_zero_only.rank == 0
     run_id = continued_run(resume, cfg) if resume is not None and records else None
-    loggers = [instantiate(cfg.logger, tags=run_tags(cfg, preset, module.objective.arm), run_id=run_id)
-               ] if records else []
+    tags = {**run_tags(cfg, preset, module.objective.arm), **record.tags, **job.tags}
+    name = cfg.logger.get("run_name") or job.name if records else None
+    loggers = [instantiate(cfg.logger, tags=tags, run_id=run_id, run_name=name)] if records else []
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
     module.run_info = {"config": record.config_yaml, "tokenizer": tokenizer.backend_tokenizer.to_str(),
                        "tokenizer_specials": json.dumps(special_tokens(tokenizer))}
