@@ -268,9 +268,7 @@ def ui_experiment(client, cfg: DictConfig, named: bool):
     """The experiment the UI opens on: the one named on the command line (``experiments=PRESET`` or
     ``experiment_name=...``), else the one holding the most recent run (what you just trained); None if the store
     has neither."""
-    if named:
-        return client.get_experiment_by_name(cfg.logger.experiment_name)
-    ids = [e.experiment_id for e in client.search_experiments()]
+    ids = [] if named else [e.experiment_id for e in client.search_experiments()]
     latest = client.search_runs(ids, max_results=1, order_by=["attributes.start_time DESC"]) if ids else []
     if latest:
         return client.get_experiment(latest[0].info.experiment_id)
@@ -307,8 +305,9 @@ def ui_main(args: list[str]) -> int:
             raise UsageError(str(err)) from None
         experiment = client.get_experiment(parent.info.experiment_id)
         jobs = [r.info.run_id for r in children(client, parent)]
-        lines += [f"  sweep {parent.info.run_name!r}: {run_url('127.0.0.1', port, experiment.experiment_id, parent.info.run_id)}",
-                  f"  its {len(jobs)} jobs side by side: {compare_runs_url('127.0.0.1', port, experiment.experiment_id, jobs)}"]
+        eid = experiment.experiment_id
+        lines += [f"  sweep {parent.info.run_name!r}: {run_url('127.0.0.1', port, eid, parent.info.run_id)}",
+                  f"  its {len(jobs)} jobs side by side: {compare_runs_url('127.0.0.1', port, eid, jobs)}"]
     else:
         named = cfg.logger.experiment_name != compose_config([]).logger.experiment_name
         experiment = ui_experiment(client, cfg, named)
@@ -316,7 +315,8 @@ def ui_main(args: list[str]) -> int:
            "--port", str(port), "--workers", "1"]
     server = subprocess.Popen(cmd)
     where = runs_url("127.0.0.1", port, experiment.experiment_id) if experiment else f"http://127.0.0.1:{port}"
-    note = f" (experiment {experiment.name!r})" if experiment else f" (no experiment {cfg.logger.experiment_name!r} in {uri} yet)"
+    note = (f" (experiment {experiment.name!r})" if experiment
+            else f" (no experiment {cfg.logger.experiment_name!r} in {uri} yet)")
     print(f"MLflow UI for {uri}: {where}{note}  (ready in ~15 s; Ctrl-C stops it)", flush=True)
     if lines:
         print("\n".join(lines), flush=True)

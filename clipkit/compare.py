@@ -24,7 +24,6 @@ import numpy as np
 from clipkit.sweep import KIND_TAG, VARIES_TAG, children, parse_overrides
 
 
-
 @dataclass
 class Curve:
     """One run's metric history: images seen (the MLflow step) and the metric's values."""
@@ -210,7 +209,7 @@ def sweep_label(run) -> str:
     """A sweep's curve: the child's values of the grid's keys except the seed (its seeds make the band), the
     objective shown as its arm label; the arm alone when only seeds vary."""
     parts = []
-    for key, values, text in parse_overrides(run.data.tags.get(VARIES_TAG, "").split()):
+    for key, _values, text in parse_overrides(run.data.tags.get(VARIES_TAG, "").split()):
         if key.lstrip("+~") == "seed":
             continue
         parts.append(_arm(run) if key.lstrip("+~") == "objective" else text)

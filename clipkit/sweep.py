@@ -111,6 +111,8 @@ _open: dict[str, Sweep] = {}  # parent runs this process opened and has not clos
 class MLflowSweep(Callback):
     """Opens the parent run when a multirun starts and closes it when it ends (see the module's docstring)."""
 
+    sweep: Sweep | None = None  # the parent this callback opened (none on further DDP ranks, or without a logger)
+
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         if config.get("logger") is None or not _is_first_process():
             return
@@ -128,10 +130,12 @@ class MLflowSweep(Callback):
         tags = {KIND_TAG: "sweep", "clipkit.preset": preset or "none", "clipkit.sweep_dir": sweep_dir.as_uri(),
                 "clipkit.overrides": " ".join(config.hydra.overrides.task), "clipkit.git_revision": git_revision(),
                 "clipkit.axes": " ".join(grid.axes),
-                "mlflow.note.content": (f"Hydra multirun of {grid.jobs} jobs: `{command}`\n\nGrid: `{' '.join(grid.spec())}`"
-                                        f"\n\nSweep directory: {sweep_dir.as_uri()}\n\nCompare the jobs: "
-                                        f"`python -m clipkit compare --sweep RUN_ID` (this run's id)")}
-        run = client.create_run(experiment_id, run_name=f"sweep {run_name(preset, [f'{k}={chr(44).join(grid.values[k])}' for k in grid.axes])}", tags=tags)
+                "mlflow.note.content": (f"Hydra multirun of {grid.jobs} jobs: `{command}`\n\n"
+                                        f"Grid: `{' '.join(grid.spec())}`\n\nSweep directory: {sweep_dir.as_uri()}"
+                                        "\n\nCompare the jobs: `python -m clipkit compare --sweep RUN_ID` "
+                                        "(this run's id)")}
+        axes = [f"{k}={','.join(grid.values[k])}" for k in grid.axes]
+        run = client.create_run(experiment_id, run_name=f"sweep {run_name(preset, axes)}", tags=tags)
         params = {f"sweep/{key.lstrip('+~')}": ",".join(values) for key, values in grid.values.items()}
         params.update({"sweep/jobs": grid.jobs, "sweep/dir": str(sweep_dir)})
         from mlflow.entities import Param
@@ -139,14 +143,13 @@ class MLflowSweep(Callback):
         client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
         sweep = Sweep(run.info.run_id, experiment_id, experiment_name, uri, grid.axes, grid.jobs, preset)
         sweep.write(sweep_dir)
-        _open[sweep.run_id] = sweep
+        _open[sweep.run_id] = self.sweep = sweep
         log.info("MLflow sweep run %s (%d jobs over %s) in experiment %r", sweep.run_id, grid.jobs,
                  ", ".join(grid.axes) or "one point", experiment_name)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        sweep = Sweep.read(Path(str(config.hydra.sweep.dir)))
-        if sweep is not None and sweep.run_id in _open:
-            close(sweep, multirun_yaml=Path(str(config.hydra.sweep.dir)) / "multirun.yaml")
+        if self.sweep is not None and self.sweep.run_id in _open:
+            close(self.sweep, multirun_yaml=Path(str(config.hydra.sweep.dir)) / "multirun.yaml")
 
 
 def children(client, sweep_run) -> list:

@@ -95,7 +95,7 @@ def test_a_2x2_multirun_is_one_parent_with_four_named_children_and_compare_logs_
         assert tags["clipkit.objective"] in ("Contrastive", "BagOfWordsPrediction")
         # the same metric names for every objective, stepped by images seen (16 per optimiser step)
         for name in ("zeroshot/scenes/top1", "zeroshot/scenes/top5", "retrieval/scenes/image_to_text_r1",
-                     "train/loss", "throughput/train_images_per_second"):  # samples/s (the windowed rate needs 10 steps)
+                     "train/loss", "throughput/train_images_per_second"):  # samples/s (its window: 10 steps)
             steps = [m.step for m in client.get_metric_history(run.info.run_id, name)]
             assert steps and all(s % 16 == 0 for s in steps) and max(steps) == 64, (name, steps)
         assert [m.step for m in client.get_metric_history(run.info.run_id, "zeroshot/scenes/top1")] == [32, 64]
