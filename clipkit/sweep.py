@@ -126,6 +126,13 @@ class MLflowSweep(Callback):
         experiment_id = experiment.experiment_id if experiment else client.create_experiment(experiment_name)
         from clipkit.tracking import git_revision
 
+        params = {f"sweep/{key.lstrip('+~')}": ",".join(values) for key, values in grid.values.items()}
+        params.update({"sweep/jobs": str(grid.jobs), "sweep/dir": str(sweep_dir)})
+        sweep = _reopen(client, sweep_dir, uri, experiment_id, params) if config.get("resume") else None
+        if sweep is not None:
+            _open[sweep.run_id] = self.sweep = sweep
+            log.info("MLflow sweep run %s reopened: %s already holds this grid's parent run", sweep.run_id, sweep_dir)
+            return
         command = " ".join(["python -m clipkit fit", *config.hydra.overrides.task])
         tags = {KIND_TAG: "sweep", "clipkit.preset": preset or "none", "clipkit.sweep_dir": sweep_dir.as_uri(),
                 "clipkit.overrides": " ".join(config.hydra.overrides.task), "clipkit.git_revision": git_revision(),
@@ -136,11 +143,9 @@ class MLflowSweep(Callback):
                                         "(this run's id)")}
         axes = [f"{k}={','.join(grid.values[k])}" for k in grid.axes]
         run = client.create_run(experiment_id, run_name=f"sweep {run_name(preset, axes)}", tags=tags)
-        params = {f"sweep/{key.lstrip('+~')}": ",".join(values) for key, values in grid.values.items()}
-        params.update({"sweep/jobs": grid.jobs, "sweep/dir": str(sweep_dir)})
         from mlflow.entities import Param
 
-        client.log_batch(run.info.run_id, params=[Param(k, str(v)[:6000]) for k, v in params.items()])
+        client.log_batch(run.info.run_id, params=[Param(k, v[:6000]) for k, v in params.items()])
         sweep = Sweep(run.info.run_id, experiment_id, experiment_name, uri, grid.axes, grid.jobs, preset)
         sweep.write(sweep_dir)
         _open[sweep.run_id] = self.sweep = sweep
@@ -150,6 +155,38 @@ class MLflowSweep(Callback):
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         if self.sweep is not None and self.sweep.run_id in _open:
             close(self.sweep, multirun_yaml=Path(str(config.hydra.sweep.dir)) / "multirun.yaml")
+
+
+def _reopen(client, sweep_dir: Path, uri: str, experiment_id: str, params: dict[str, str]) -> Sweep | None:
+    """The parent run an earlier launch of this very grid left in ``sweep_dir`` (a fixed ``hydra.sweep.dir``,
+    relaunched with ``resume=auto`` after a requeue), set RUNNING again; None when there is none to reuse: no
+    record, another store or experiment, a deleted run, or another grid (whose params MLflow cannot change)."""
+    from mlflow.exceptions import MlflowException
+
+    sweep = Sweep.read(sweep_dir)
+    if sweep is None or (sweep.tracking_uri, sweep.experiment_id) != (uri, experiment_id):
+        return None
+    try:
+        run = client.get_run(sweep.run_id)
+    except MlflowException:
+        return None
+    def grid(items):  # the relaunch adds resume=auto
+        return {k: v[:6000] for k, v in items if k.startswith("sweep/") and k != "sweep/resume"}
+
+    if run.info.lifecycle_stage != "active" or grid(run.data.params.items()) != grid(params.items()):
+        return None
+    client.update_run(sweep.run_id, status="RUNNING")
+    return sweep
+
+
+def nest(client, run_id: str, job: JobRun) -> None:
+    """Move a continued run (``resume=auto`` inside a multirun) under this sweep's parent: a requeued grid's
+    parent then holds every job, the resumed ones included. A no-op outside a sweep."""
+    if "mlflow.parentRunId" in job.tags and client.get_run(run_id).data.tags.get("mlflow.parentRunId") != \
+            job.tags["mlflow.parentRunId"]:
+        log.info("MLflow run %s continues under this sweep's parent run %s", run_id, job.tags["mlflow.parentRunId"])
+    for key, value in job.tags.items():
+        client.set_tag(run_id, key, value)
 
 
 def children(client, sweep_run) -> list:

@@ -20,7 +20,7 @@ from transformers import PreTrainedModel
 
 from clipkit.errors import ResumeError
 from clipkit.resume import check_config, check_tokenizer, locate, static_root
-from clipkit.sweep import job_run
+from clipkit.sweep import job_run, nest
 from clipkit.tokenization import special_tokens
 from clipkit.tracking import MLFlowLogger, RunRecord, run_tags
 
@@ -162,6 +162,7 @@ def fit(cfg: DictConfig, preset: str | None = None) -> FitResult:
                 record.log(logger, [p for p in [getattr(tokenizer, "cache_path", None)] if p])
             else:
                 logger.experiment.set_tag(run_id, "clipkit.resumed_from", f"{resume.checkpoint} (step {resume.step})")
+                nest(logger.experiment, run_id, job)
             module.run_info.update(run_id=logger.run_id, tracking_uri=logger._tracking_uri)
 
     start = time.perf_counter()

@@ -107,3 +107,35 @@ def test_a_2x2_multirun_is_one_parent_with_four_named_children_and_compare_logs_
     text = (isolated / "s.md").read_text()
     assert "| contrastive (transformer text) | 2 | 64 |" in text and "| bag-of-words prediction | 2 | 64 |" in text
     assert "compare/bag_of_words_prediction/final_mean" in client.get_run(parent.info.run_id).data.metrics
+
+
+@pytest.mark.slow
+def test_a_requeued_multirun_with_resume_auto_keeps_every_job_under_one_parent(isolated):
+    uri = f"sqlite:///{isolated}/mlflow.db"
+    grid = ["fit", "-m", "experiments=contrastive_vit", "seed=0,1", f"logger.tracking_uri={uri}", *TINY]
+    client = mlflow.MlflowClient(tracking_uri=uri)
+
+    def sweeps():
+        runs = client.search_runs([client.get_experiment_by_name("contrastive_vit").experiment_id])
+        parents = [r for r in runs if r.data.tags.get("clipkit.kind") == "sweep"]
+        return parents, {p.info.run_id: sorted(r.info.run_id for r in runs
+                                               if r.data.tags.get("mlflow.parentRunId") == p.info.run_id)
+                         for p in parents}
+
+    first = run_cli(*grid, "hydra.sweep.dir=multirun/fixed")
+    assert first.returncode == 0, first.stderr[-3000:]
+    (parent,), jobs = sweeps()
+    # the same grid relaunched into its own folder (a requeue): the parent is reopened, the jobs continue in it
+    again = run_cli(*grid, "hydra.sweep.dir=multirun/fixed", "resume=auto")
+    assert again.returncode == 0, again.stderr[-3000:]
+    parents, after = sweeps()
+    assert [p.info.run_id for p in parents] == [parent.info.run_id] and after == jobs
+    assert len(jobs[parent.info.run_id]) == 2 and parents[0].info.status == "FINISHED"
+    assert all("clipkit.resumed_from" in client.get_run(r).data.tags for r in jobs[parent.info.run_id])
+    # relaunched into a new folder: a new parent, and the continued runs move under it
+    moved = run_cli(*grid, "resume=auto")
+    assert moved.returncode == 0, moved.stderr[-3000:]
+    parents, after = sweeps()
+    new = next(p for p in parents if p.info.run_id != parent.info.run_id)
+    assert after == {parent.info.run_id: [], new.info.run_id: jobs[parent.info.run_id]}
+    assert new.info.status == "FINISHED"
