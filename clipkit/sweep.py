@@ -170,13 +170,15 @@ def _reopen(client, sweep_dir: Path, uri: str, experiment_id: str, params: dict[
         run = client.get_run(sweep.run_id)
     except MlflowException:
         return None
-    def grid(items):  # the relaunch adds resume=auto
-        return {k: v[:6000] for k, v in items if k.startswith("sweep/") and k != "sweep/resume"}
-
-    if run.info.lifecycle_stage != "active" or grid(run.data.params.items()) != grid(params.items()):
+    if run.info.lifecycle_stage != "active" or _same_grid(run.data.params) != _same_grid(params):
         return None
     client.update_run(sweep.run_id, status="RUNNING")
     return sweep
+
+
+def _same_grid(params: dict[str, str]) -> dict[str, str]:
+    """The params that make two launches the same grid: all ``sweep/*`` but the ``resume=auto`` a relaunch adds."""
+    return {k: v[:6000] for k, v in params.items() if k.startswith("sweep/") and k != "sweep/resume"}
 
 
 def nest(client, run_id: str, job: JobRun) -> None:
