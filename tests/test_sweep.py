@@ -11,7 +11,10 @@ import urllib.request
 
 import mlflow
 import pytest
+from omegaconf import OmegaConf
 
+from clipkit.cli import ui_experiment
+from clipkit.compare import find_sweep
 from clipkit.sweep import parse_overrides, run_name
 from tests.test_cli import run_cli
 from tests.test_ui import _free_port
@@ -28,6 +31,33 @@ def test_run_names_show_the_preset_and_what_changes_what_is_trained():
 def test_sweep_overrides_parse_into_keys_and_values():
     assert [(k, v) for k, v, _ in parse_overrides(["seed=0,1", "+model.image.embed_dim=32", "objective=a,b"])] == \
         [("seed", ["0", "1"]), ("+model.image.embed_dim", ["32"]), ("objective", ["a", "b"])]
+
+
+def test_ui_opens_on_the_named_experiment_else_on_the_newest_runs(isolated):
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{isolated}/ui.db")
+    old, new = client.create_experiment("old"), client.create_experiment("new")
+    client.create_run(old)
+    time.sleep(0.05)
+    client.create_run(new)
+    cfg = OmegaConf.create({"logger": {"experiment_name": "old"}})
+    assert ui_experiment(client, cfg, named=False).experiment_id == new  # what you just trained
+    assert ui_experiment(client, cfg, named=True).experiment_id == old
+    assert ui_experiment(mlflow.MlflowClient(tracking_uri=f"sqlite:///{isolated}/empty.db"), cfg, False) is None
+
+
+def test_a_sweep_is_found_by_id_or_newest_name_and_anything_else_is_one_line(isolated):
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{isolated}/find.db")
+    eid = client.create_experiment("e")
+    first = client.create_run(eid, run_name="sweep p seed=0,1", tags={"clipkit.kind": "sweep"})
+    time.sleep(0.05)
+    newest = client.create_run(eid, run_name="sweep p seed=0,1", tags={"clipkit.kind": "sweep"})
+    job = client.create_run(eid, run_name="p seed=0", tags={"mlflow.parentRunId": newest.info.run_id})
+    assert find_sweep(client, first.info.run_id, None).info.run_id == first.info.run_id
+    assert find_sweep(client, "sweep p seed=0,1", None).info.run_id == newest.info.run_id
+    with pytest.raises(ValueError, match=r"no sweep run with id or name 'p' \(newest sweeps: 'sweep p seed=0,1'\)"):
+        find_sweep(client, "p", None)
+    with pytest.raises(ValueError, match=r"is not a sweep's parent run"):
+        find_sweep(client, job.info.run_id, None)
 
 
 TINY = ["data.image_size=32", "data.batch_size=16", "data.num_workers=0", "data.corpus_size=500", "data.supersample=1",
