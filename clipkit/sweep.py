@@ -126,7 +126,8 @@ class MLflowSweep(Callback):
         experiment_id = experiment.experiment_id if experiment else client.create_experiment(experiment_name)
         from clipkit.tracking import git_revision
 
-        params = {f"sweep/{key.lstrip('+~')}": ",".join(values) for key, values in grid.values.items()}
+        params = {f"sweep/{key.lstrip('+~')}": ",".join(values)[:6000]  # MLflow's limit on a param's value
+                  for key, values in grid.values.items()}
         params.update({"sweep/jobs": str(grid.jobs), "sweep/dir": str(sweep_dir)})
         sweep = _reopen(client, sweep_dir, uri, experiment_id, params) if config.get("resume") else None
         if sweep is not None:
@@ -145,7 +146,7 @@ class MLflowSweep(Callback):
         run = client.create_run(experiment_id, run_name=f"sweep {run_name(preset, axes)}", tags=tags)
         from mlflow.entities import Param
 
-        client.log_batch(run.info.run_id, params=[Param(k, v[:6000]) for k, v in params.items()])
+        client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
         sweep = Sweep(run.info.run_id, experiment_id, experiment_name, uri, grid.axes, grid.jobs, preset)
         sweep.write(sweep_dir)
         _open[sweep.run_id] = self.sweep = sweep
@@ -178,17 +179,18 @@ def _reopen(client, sweep_dir: Path, uri: str, experiment_id: str, params: dict[
 
 def _same_grid(params: dict[str, str]) -> dict[str, str]:
     """The params that make two launches the same grid: all ``sweep/*`` but the ``resume=auto`` a relaunch adds."""
-    return {k: v[:6000] for k, v in params.items() if k.startswith("sweep/") and k != "sweep/resume"}
+    return {k: v for k, v in params.items() if k.startswith("sweep/") and k != "sweep/resume"}
 
 
 def nest(client, run_id: str, job: JobRun) -> None:
     """Move a continued run (``resume=auto`` inside a multirun) under this sweep's parent: a requeued grid's
     parent then holds every job, the resumed ones included. A no-op outside a sweep."""
-    if "mlflow.parentRunId" in job.tags and client.get_run(run_id).data.tags.get("mlflow.parentRunId") != \
-            job.tags["mlflow.parentRunId"]:
-        log.info("MLflow run %s continues under this sweep's parent run %s", run_id, job.tags["mlflow.parentRunId"])
-    for key, value in job.tags.items():
-        client.set_tag(run_id, key, value)
+    if "mlflow.parentRunId" not in job.tags:
+        return
+    from mlflow.entities import RunTag
+
+    log.info("MLflow run %s continues under this sweep's parent run %s", run_id, job.tags["mlflow.parentRunId"])
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in job.tags.items()])
 
 
 def children(client, sweep_run) -> list:
