@@ -24,7 +24,7 @@ from hydra.utils import instantiate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from clipkit.cli import compose_config  # noqa: E402
+from clipkit.config import compose_config  # noqa: E402
 from clipkit.datatools import synth  # noqa: E402
 
 

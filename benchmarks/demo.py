@@ -11,7 +11,7 @@ import time
 
 import torch
 
-from clipkit.cli import compose_config
+from clipkit.config import compose_config
 from clipkit.train import fit
 
 COLUMNS = ["zeroshot/scenes/top1", "zeroshot/scenes/top5", "zeroshot/novel_pairs/top1",

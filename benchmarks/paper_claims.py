@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from clipkit.cli import compose_config  # noqa: E402
+from clipkit.config import compose_config  # noqa: E402
 from clipkit.evaluate import build, datamodule, load_checkpoint  # noqa: E402
 from clipkit.evaluation.suite import evaluate  # noqa: E402
 

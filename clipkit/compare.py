@@ -307,7 +307,8 @@ def parse_levels(text: str) -> list[float]:
 
 
 def compare_main(args: list[str]) -> int:
-    from clipkit.cli import UsageError, compose_config
+    from clipkit.config import compose_config
+    from clipkit.errors import UsageError
 
     parser = argparse.ArgumentParser(
         prog="python -m clipkit compare",

@@ -69,7 +69,7 @@ def _write_folder(root: Path, dm, set_name: str, split: str, shown_pairs, class_
 def synth(out: Path, fmt: str, samples: int, seed: int, image_size: int, shard_size: int, image_format: str,
           retrieval_size: int, eval_per_class: int) -> str:
     """Write train + retrieval data in ``fmt`` and the zero-shot sets as image folders; return a fit command."""
-    from clipkit.cli import compose_config
+    from clipkit.config import compose_config
     from datamodules.synthetic import SyntheticScenesDataModule
 
     defaults = compose_config([]).data  # the streamed default's held-out pairs and caption mix

@@ -11,3 +11,7 @@ class TrainingDiverged(Exception):
 
 class ResumeError(Exception):
     """A run cannot be continued from the checkpoint asked for: damaged, missing, or trained otherwise."""
+
+
+class UsageError(Exception):
+    """A bad command line or config choice: reported in one line, exit code 2."""

@@ -118,7 +118,8 @@ def summary(result: dict) -> str:
 
 
 def eval_main(args: list[str]) -> int:
-    from clipkit.cli import UsageError, compose_config
+    from clipkit.config import compose_config
+    from clipkit.errors import UsageError
 
     with_group = any(a.startswith("data=") for a in args)
     data_overrides = [] if with_group else [a for a in args if a.startswith("data.")]

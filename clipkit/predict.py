@@ -17,7 +17,7 @@ def images_in(folder: Path) -> list[Path]:
 
 def image_paths(entries: list[str]) -> list[Path]:
     """Files as given, folders as their image files by name; a path that does not exist is an error."""
-    from clipkit.cli import expand_paths
+    from clipkit.config import expand_paths
 
     return expand_paths(entries, images_in, "no such image or folder: ")
 
@@ -28,7 +28,8 @@ def _as_list(value) -> list[str]:
 
 def predict_main(args: list[str]) -> int:
     from clipkit.api import load, resolve_device
-    from clipkit.cli import UsageError, compose_config, require
+    from clipkit.config import compose_config, require
+    from clipkit.errors import UsageError
 
     cfg = compose_config(args, config_name="predict")
     require(cfg, ("ckpt", "images", "labels"),

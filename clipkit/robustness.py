@@ -24,7 +24,7 @@ def checkpoints_in(folder: Path) -> list[Path]:
 
 def checkpoint_paths(entries: list[str]) -> list[Path]:
     """Files as given; a folder stands for its checkpoints (:func:`checkpoints_in`)."""
-    from clipkit.cli import expand_paths
+    from clipkit.config import expand_paths
 
     return expand_paths(entries, checkpoints_in, "no checkpoint at ")
 
@@ -118,7 +118,8 @@ def robustness(cfg) -> dict:
 
 
 def robustness_main(args: list[str]) -> int:
-    from clipkit.cli import UsageError, compose_config, require
+    from clipkit.config import compose_config, require
+    from clipkit.errors import UsageError
 
     cfg = compose_config(args, config_name="robustness")
     require(cfg, ("ckpts",), "python -m clipkit robustness ckpts=[contrastive.ckpt,supervised_run/checkpoints]")

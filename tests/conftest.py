@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from clipkit.cli import compose_config
+from clipkit.config import compose_config
 
 torch.set_num_threads(2)
 

@@ -16,7 +16,7 @@ import torch
 from hydra.utils import instantiate
 from torch.utils.data import DataLoader
 
-from clipkit.cli import compose_config
+from clipkit.config import compose_config
 from tests.conftest import random_batch
 
 VARIANTS = {"local_loss": ["objective.local_loss=true"], "global_loss": ["objective.local_loss=false"],

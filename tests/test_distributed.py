@@ -10,7 +10,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from clipkit.cli import compose_config
+from clipkit.config import compose_config
 from tests.conftest import TINY
 
 # The paper's ViT (layer norm only: batch norm would make each rank normalise by its own statistics), in

@@ -60,7 +60,7 @@ def test_locked_training_leaves_the_locked_weights_and_norm_statistics_alone(tmp
     """A CLIP ResNet (batch norm) locked but for its last block, the text tower locked whole: between the first and
     the third step, the locked weights and running statistics stay as they were, the unlocked ones move, and the
     optimiser holds state for trainable parameters only."""
-    from clipkit.cli import compose_config
+    from clipkit.config import compose_config
     from clipkit.train import fit
 
     tiny = [o for o in TINY if not o.lstrip("+").startswith("model.image.")]  # the ViT's sizes

@@ -81,7 +81,7 @@ def test_clip_resnet_preset_family_matches_open_clip_modified_resnet_weight_for_
 def test_tiny_clip_resnet_preset_builds_and_exposes_its_map():
     from hydra.utils import instantiate
 
-    from clipkit.cli import compose_config
+    from clipkit.config import compose_config
 
     cfg = compose_config(["model/image=resnet_clip_tiny", "data.image_size=32"])
     tower = instantiate(cfg.model.image)

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModel, AutoTokenizer
 
-from clipkit.cli import compose_config, minilm_dir
+from clipkit.config import compose_config, minilm_dir
 from clipkit.models import TextTower
 from clipkit.tokenization import StoredTokenizer, pretrained_tokenizer, special_tokens, tokenize
 from tests.conftest import TINY

@@ -8,7 +8,7 @@ from timm.models.vision_transformer import Block
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 from transformers.models.gpt2.modeling_gpt2 import GPT2Block
 
-from clipkit.cli import compose_config
+from clipkit.config import compose_config
 from clipkit.strategies import BlockFSDP, block_types
 from clipkit.train import fit
 

@@ -8,7 +8,8 @@ FORMATS = ("hf", "open_clip")
 
 
 def import_main(args: list[str]) -> int:
-    from clipkit.cli import UsageError, compose_config, require
+    from clipkit.config import compose_config, require
+    from clipkit.errors import UsageError
     from clipkit.interop.openai_clip import import_checkpoint
 
     cfg = compose_config(args, config_name="import")
@@ -29,7 +30,8 @@ def import_main(args: list[str]) -> int:
 
 def export_main(args: list[str]) -> int:
     from clipkit.api import checkpoint_tokenizer
-    from clipkit.cli import UsageError, compose_config, require
+    from clipkit.config import compose_config, require
+    from clipkit.errors import UsageError
     from clipkit.evaluate import build, load_checkpoint
     from clipkit.interop.hf_clip import export_hf
     from clipkit.interop.openai_clip import export_open_clip

@@ -110,7 +110,7 @@ def text_config(state: dict, act: str, tokenizer, head_width: int = 64) -> dict:
 def clipkit_config(state: dict, act: str, tokenizer, source: str, output_dir: str, head_widths: tuple[int, int]):
     """The full run config of an imported checkpoint (the default fit config with these towers and sizes), so it
     is a clipkit model like any other: ``clipkit eval``, ``predict`` and ``export`` read it."""
-    from clipkit.cli import compose_config
+    from clipkit.config import compose_config
 
     if act not in ACTIVATIONS:
         raise ValueError(f"act={act!r}: choose quick_gelu (OpenAI's models, open_clip's *-quickgelu) or gelu")
