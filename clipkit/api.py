@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from clipkit.devices import resolve_device  # noqa: F401  (clipkit.api.resolve_device, as before)
 from clipkit.zeroshot import DEFAULT_TEMPLATES, class_prompts, on_device
 
 ImageInput = str | Path | Image.Image
@@ -93,11 +94,6 @@ class ClipModel:
             hint = f": it knows only {', '.join(known[:8])}{' ...' if len(known) > 8 else ''}" if known else ""
             raise ValueError(f"the model scores none of the labels {labels}{hint}")
         return logits.float().softmax(dim=-1)
-
-
-def resolve_device(name: str) -> str:
-    """``auto``: cuda when available, else cpu; any other name as given."""
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
 
 
 def checkpoint_tokenizer(ckpt: dict, stored):

@@ -10,7 +10,7 @@ from pathlib import Path
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from clipkit.api import resolve_device
+from clipkit.devices import resolve_device
 from clipkit.errors import DataError
 from clipkit.tokenization import StoredTokenizer
 from clipkit.weights import read_weights
