@@ -11,7 +11,6 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from clipkit.devices import resolve_device
-from clipkit.errors import DataError
 from clipkit.tokenization import StoredTokenizer
 from clipkit.weights import read_weights
 
@@ -115,28 +114,3 @@ def summary(result: dict) -> str:
     lines.append(f"  report: {result['out']}" + (f"  (logged to MLflow run {result['mlflow_run']})"
                                                  if result.get("mlflow_run") else ""))
     return "\n".join(lines)
-
-
-def eval_main(args: list[str]) -> int:
-    from clipkit.config import compose_config
-    from clipkit.errors import UsageError
-
-    with_group = any(a.startswith("data=") for a in args)
-    data_overrides = [] if with_group else [a for a in args if a.startswith("data.")]
-    rest = [a for a in args if a not in data_overrides]
-    if not any(a.startswith("ckpt=") for a in rest):
-        raise UsageError("eval needs a checkpoint: python -m clipkit eval ckpt=PATH [tasks=[zeroshot,retrieval,"
-                         "linear_probe,fewshot]] [data=NAME] [key=value ...]")
-    cfg = compose_config(rest, config_name="eval")
-    try:
-        ckpt, stored = load_checkpoint(cfg.ckpt)
-    except (FileNotFoundError, ValueError) as err:
-        raise UsageError(str(err)) from None
-    if cfg.seed is None:  # generated held-out sets follow the checkpoint's seed unless told otherwise
-        cfg = compose_config([f"seed={stored.get('seed')}", *rest], config_name="eval")
-    try:
-        result = run_eval(cfg, data_overrides, ckpt, stored)
-    except (DataError, ValueError) as err:
-        raise UsageError(str(err)) from None
-    print(summary(result), flush=True)
-    return 0

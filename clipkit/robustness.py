@@ -115,21 +115,3 @@ def robustness(cfg) -> dict:
         uri = cfg.tracking_uri or first[0]["clipkit"].get("tracking_uri") or "sqlite:///mlflow.db"
         result["mlflow_run"] = log_to_mlflow(rows, files, uri)
     return result
-
-
-def robustness_main(args: list[str]) -> int:
-    from clipkit.config import compose_config, require
-    from clipkit.errors import UsageError
-
-    cfg = compose_config(args, config_name="robustness")
-    require(cfg, ("ckpts",), "python -m clipkit robustness ckpts=[contrastive.ckpt,supervised_run/checkpoints]")
-    if cfg.mlflow not in ("new", "none"):
-        raise UsageError(f"mlflow={cfg.mlflow}: choose new or none")
-    try:
-        result = robustness(cfg)
-    except (FileNotFoundError, ValueError) as err:
-        raise UsageError(str(err)) from None
-    print(table(result["rows"]))
-    where = f"  (MLflow run {result['mlflow_run']})" if result["mlflow_run"] else ""
-    print(f"written: {', '.join(result['files'])}{where}", flush=True)
-    return 0

@@ -5,8 +5,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from hydra.core.global_hydra import GlobalHydra
 
-from clipkit.cli import main
+from clipkit.cli import COMMANDS, main
 
 ROOT = Path(__file__).resolve().parent.parent
 PRESETS = sorted(p.stem for p in (ROOT / "experiments").glob("*.yaml"))
@@ -41,11 +42,66 @@ def test_mistyped_key_inside_a_multirun_sweep_is_caught_before_any_job(capsys):
     assert "unknown config key 'module.optimizer.lrr'" in capsys.readouterr().err
 
 
-def test_fit_help_is_hydras_with_presets_explained():
-    proc = run_cli("fit", "--help")
+def exit_code(args: list[str]) -> int:
+    """``main``'s return value, or the code Hydra exits with (``fit``'s help is Hydra's own)."""
+    try:
+        return main(args)
+    except SystemExit as done:
+        return done.code
+    finally:
+        GlobalHydra.instance().clear()  # Hydra exits without releasing its config search path
+
+
+# command -> an option its help must explain (besides usage and an example)
+OPTIONS = {"fit": "model/image: resnet_clip_tiny, vit_tiny, vit_tiny_hybrid", "eval": "ckpt: ???",
+           "data": "{synth,inspect}", "compare": "--experiment", "ui": "port=5000", "predict": "labels: ???",
+           "robustness": "ckpts: ???", "import": "act: quick_gelu", "export": "format: ???"}
+
+
+def test_every_command_has_its_help_checked():
+    assert sorted(OPTIONS) == sorted(COMMANDS)
+
+
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_command_prints_usage_options_and_an_example_on_help(command, flag, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", list(sys.argv))  # fit hands its own argv to Hydra
+    assert exit_code([command, flag]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith(f"usage: python -m clipkit {command}") and not err
+    assert OPTIONS[command] in out
+    example = out.split("\nexample:\n", 1)[1].splitlines()[0].strip()
+    assert example.startswith(f"python -m clipkit {command} ") and len(example.split()) > 4
+
+
+def test_help_wins_over_any_other_argument(capsys):
+    """``eval --help`` used to say "eval needs a checkpoint"; the help comes first, whatever else is given."""
+    assert main(["eval", "tasks=[zeroshot]", "--help"]) == 0
+    assert "ckpt: ???" in capsys.readouterr().out
+
+
+def test_fit_help_is_hydras_with_presets_explained(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+    assert exit_code(["fit", "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "experiments=NAME" in out and "model/image: resnet_clip_tiny, vit_tiny, vit_tiny_hybrid" in out
+    assert "objective: bow_contrastive, bow_prediction, caption_lm, contrastive" in out
+
+
+@pytest.mark.parametrize("command", ["eval", "predict", "robustness", "import", "export", "ui"])
+def test_a_flag_given_to_a_key_value_command_is_one_line(command, capsys):
+    assert main([command, "--ckpt", "model.ckpt"]) == 2
+    err = capsys.readouterr().err
+    assert err == (f"clipkit: error: {command} takes key=value arguments, not '--ckpt' "
+                   f"(see python -m clipkit {command} --help)\n")
+
+
+def test_the_top_level_help_is_answered_without_importing_lightning():
+    proc = subprocess.run([sys.executable, "-c", "import sys; from clipkit.cli import main; main(['--help']); "
+                           "main(['eval', '--help']); print(sorted(m for m in ('lightning', 'mlflow', 'torch') "
+                           "if m in sys.modules))"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "experiments=NAME" in proc.stdout and "model/image: resnet_clip_tiny, vit_tiny, vit_tiny_hybrid" in proc.stdout
-    assert "objective: bow_contrastive, bow_prediction, caption_lm, contrastive" in proc.stdout
+    assert proc.stdout.splitlines()[-1] == "[]"
 
 
 def test_cfg_job_prints_the_composed_preset():

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from clipkit.cli import main
-from clipkit.compare import images_to_reach, parse_levels
+from clipkit.commands.compare import parse_levels
+from clipkit.compare import images_to_reach
 from tests.test_cli import run_cli
 
 

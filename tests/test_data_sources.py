@@ -242,7 +242,7 @@ def test_digits_are_real_scans_with_a_disjoint_stratified_zero_shot_split(tokeni
 
 
 def test_a_reader_with_an_empty_share_fails_in_one_line_instead_of_spinning(tmp_path, tokenizer):
-    from clipkit.cli import _one_line
+    from clipkit.commands.fit import _one_line
 
     write_shards(tmp_path / "shards", 1, good_per_shard=8, bad={})
     write_shard(tmp_path / "shards" / "00001.tar", [])

@@ -63,7 +63,7 @@ def cycle(graph: dict[str, set[str]]) -> list[str] | None:
 
 def test_clipkit_has_no_import_cycle():
     graph = import_graph(ROOT, "clipkit")
-    assert "clipkit.cli" in graph and "clipkit.evaluate" in graph
+    assert "clipkit.commands.fit" in graph and "clipkit.cli" in graph  # the walk sees the command layer
     found = cycle(graph)
     assert found is None, "import cycle: " + " -> ".join(found)
 

@@ -13,7 +13,7 @@ import mlflow
 import pytest
 from omegaconf import OmegaConf
 
-from clipkit.cli import ui_experiment
+from clipkit.commands.ui import ui_experiment
 from clipkit.compare import find_sweep
 from clipkit.sweep import parse_overrides, run_name
 from tests.test_cli import run_cli

@@ -1,37 +1,30 @@
-"""``python -m clipkit import`` and ``python -m clipkit export``."""
+"""``python -m clipkit export ckpt=PATH format=hf|open_clip out=DIR``: a clipkit model for transformers or open_clip,
+with :mod:`clipkit.interop.hf_clip` and :mod:`clipkit.interop.openai_clip`."""
 
 from __future__ import annotations
 
-from pathlib import Path
+from clipkit.commands import asks_for_help, config_help, overrides_only
+from clipkit.errors import UsageError
 
 FORMATS = ("hf", "open_clip")
+USAGE = "python -m clipkit export ckpt=PATH format=hf|open_clip out=DIR"
 
 
-def import_main(args: list[str]) -> int:
-    from clipkit.config import compose_config, require
-    from clipkit.errors import UsageError
-    from clipkit.interop.openai_clip import import_checkpoint
-
-    cfg = compose_config(args, config_name="import")
-    require(cfg, ("ckpt",), "python -m clipkit import ckpt=ViT-B-32.pt [out=FILE.safetensors] [act=quick_gelu|gelu] "
-                            "[image_head_width=64] [tokenizer=DIR]")
-    source = Path(cfg.ckpt)
-    out = Path(cfg.out) if cfg.out else source.with_name(source.stem + ".clipkit.safetensors")
-    if out.exists():
-        raise UsageError(f"out={out} exists: delete it or choose another out=")
-    try:
-        import_checkpoint(source, out, cfg.act, cfg.tokenizer, cfg.image_head_width, cfg.text_head_width)
-    except (FileNotFoundError, ValueError) as err:
-        raise UsageError(str(err)) from None
-    print(f"imported {source} -> {out} (config, tokenizer and weights in one file)\n"
-          f"  try: python -m clipkit predict ckpt={out} images=[IMAGE] labels=[cat,dog]", flush=True)
-    return 0
+def help_text() -> str:
+    return config_help(
+        "export", USAGE,
+        "Export a contrastive clipkit model as a Hugging Face CLIPModel folder (pipeline-ready) or an open_clip\n"
+        "folder; the export is reloaded and checked to give the same embeddings.",
+        "python -m clipkit export ckpt=outputs/.../model.safetensors format=hf out=exported/clip_hf")
 
 
-def export_main(args: list[str]) -> int:
+def main(args: list[str]) -> int:
+    if asks_for_help(args):
+        print(help_text())
+        return 0
+    args = overrides_only("export", args)
     from clipkit.api import checkpoint_tokenizer
     from clipkit.config import compose_config, require
-    from clipkit.errors import UsageError
     from clipkit.evaluate import build, load_checkpoint
     from clipkit.interop.hf_clip import export_hf
     from clipkit.interop.openai_clip import export_open_clip
@@ -39,7 +32,7 @@ def export_main(args: list[str]) -> int:
     from clipkit.objectives import Contrastive
 
     cfg = compose_config(args, config_name="export")
-    require(cfg, ("ckpt", "format", "out"), "python -m clipkit export ckpt=PATH format=hf|open_clip out=DIR")
+    require(cfg, ("ckpt", "format", "out"), USAGE)
     if cfg.format not in FORMATS:
         raise UsageError(f"format={cfg.format}: choose hf or open_clip")
     try:

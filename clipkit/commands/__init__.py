@@ -1,0 +1,43 @@
+"""One module per sub-command of ``python -m clipkit``, each with ``main(args) -> int`` and its help (usage, options,
+one example). :mod:`clipkit.cli` finds a command by name and imports it only when it runs.
+
+A command reads its command line, calls the library (:mod:`clipkit.train`, :mod:`clipkit.evaluate`, ...) and prints;
+nothing in the library imports a command back. Commands import the library inside ``main``: importing
+:mod:`clipkit.config` alone loads Lightning and MLflow (seconds), which ``--help`` should not wait for.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from clipkit.errors import UsageError
+
+HELP_FLAGS = ("-h", "--help")
+# clipkit.config.CONF_DIR, without importing what clipkit.config imports
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def asks_for_help(args: list[str]) -> bool:
+    return any(arg in HELP_FLAGS for arg in args)
+
+
+def overrides_only(command: str, args: list[str]) -> list[str]:
+    """``args`` if each is a Hydra override (``key=value``, ``+key=...``, ``~key``); a flag is a one-line error
+    (Hydra's parser would answer ``LexerNoViableAltException: --flag``)."""
+    flags = [arg for arg in args if arg.startswith("-")]
+    if flags:
+        raise UsageError(f"{command} takes key=value arguments, not {flags[0]!r} "
+                         f"(see python -m clipkit {command} --help)")
+    return args
+
+
+def config_help(config_name: str, usage: str, about: str, example: str) -> str:
+    """Help of a command configured by overrides: its options are its config file's keys, with their defaults and
+    comments as written there (so the help cannot drift from the config)."""
+    lines = (CONF_DIR / f"{config_name}.yaml").read_text().splitlines()
+    while lines and lines[0].startswith("#"):  # the file's own header: what the help says above and below
+        lines.pop(0)
+    options = "\n".join(f"  {line}" for line in lines if line.strip())
+    return (f"usage: {usage}\n\n{about}\n\n"
+            f"options (key=value overrides; ??? marks a required one; from clipkit/conf/{config_name}.yaml):\n"
+            f"{options}\n\nexample:\n  {example}\n")
