@@ -2,7 +2,8 @@
 
 A plain ``@hydra.main`` app (so ``--cfg job``, ``--help`` and ``-m`` work as Hydra documents); before handing over,
 the overrides are composed once here so a mistyped preset or key fails in one line that names it and suggests the
-nearest valid name, instead of Hydra's page of search paths.
+nearest valid name, instead of Hydra's page of search paths. Unlike the other commands it imports the config at
+module level: Hydra, ``--help`` included, needs its resolvers anyway.
 """
 
 from __future__ import annotations
