@@ -12,9 +12,9 @@ from hydra.errors import ConfigCompositionException, HydraException, MissingConf
 from omegaconf import DictConfig, OmegaConf
 
 from clipkit.errors import UsageError
-from clipkit.tracking import REPO_ROOT
 
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")
+REPO_ROOT = Path(__file__).resolve().parent.parent  # the checkout: experiments/ is a config group there
 OmegaConf.register_new_resolver("clipkit_root", lambda: str(REPO_ROOT), replace=True)
 
 

@@ -11,7 +11,8 @@ from lightning.pytorch.loggers import MLFlowLogger as _LightningMLFlowLogger
 from mlflow.entities import Param
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from clipkit.config import REPO_ROOT
+
 
 
 class MLFlowLogger(_LightningMLFlowLogger):
