@@ -45,7 +45,7 @@ def shard(module: nn.Module, mesh: DeviceMesh, reshard_after_forward: bool = Tru
     blocks = tuple(block_types(module))
     if not blocks:
         raise ValueError("trainer=fsdp found no transformer blocks to shard in this model: use trainer=ddp")
-    for m in module.modules():
+    for m in reversed(list(module.modules())):  # FSDP2 wants inner units sharded before the units around them
         if isinstance(m, blocks):
             fully_shard(m, mesh=mesh, reshard_after_forward=reshard_after_forward)
     scalars: list[nn.Parameter] = []

@@ -59,6 +59,40 @@ def test_the_towers_own_exemptions_get_no_decay(tiny_cfg):
     assert with_decay | without == {n for n, _ in objective.named_parameters()}
 
 
+@pytest.fixture
+def one_process_group(tmp_path):
+    """A world of one (gloo): enough for fully_shard to build its units in this process."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_every_block_of_both_towers_is_its_own_unit_and_the_objective_the_root(tiny_cfg, one_process_group):
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor
+
+    from clipkit.strategies import block_types, full_params, shard
+
+    module = instantiate(tiny_cfg("model/image=vit_tiny", "model.image.depth=2").module)
+    objective = module.objective
+    blocks = [n for n, m in module.named_modules() if isinstance(m, tuple(block_types(objective)))]
+    scalars = shard(module, one_process_group)
+    units = [n for n, m in module.named_modules() if isinstance(m, FSDPModule)]
+    assert sorted(units) == sorted(["objective", *blocks])
+    assert {"objective.image_tower.model.blocks.0", "objective.image_tower.model.blocks.1",
+            "objective.text_tower.model.encoder.layers.0"} <= set(blocks)
+    assert scalars == [objective.logit_scale]  # FSDP2 shards no scalar: kept whole
+    assert isinstance(objective.text_proj.weight, DTensor)
+    with full_params(module):  # what zero-shot evaluation outside Lightning's step sees
+        assert not isinstance(objective.text_proj.weight, DTensor)
+    assert isinstance(objective.text_proj.weight, DTensor)
+
+
 def test_gradient_cache_under_fsdp_is_refused_in_one_line(tiny_cfg):
     strategy = BlockFSDP()
     strategy.connect(instantiate(tiny_cfg("accumulate=2").module))
