@@ -186,7 +186,8 @@ def test_fit_with_trainer_fsdp_from_the_command_line_evaluates_checkpoints_and_r
     whole = torch.load(folder / "last.ckpt", weights_only=True)
     module = build(*load_checkpoint(folder / "last.ckpt"))  # strict load_state_dict into an unsharded model
     names = [n for n, _ in module.named_parameters()]  # the full optimiser state numbers them in this order
-    groups = [(g["weight_decay"], {names[i] for i in g["params"]}) for g in whole["optimizer_states"][0]["param_groups"]]
+    groups = [(g["weight_decay"], {names[i] for i in g["params"]})
+              for g in whole["optimizer_states"][0]["param_groups"]]
     assert groups == group_names(module, decay_groups(module.objective, module.weight_decay, module.no_decay))
 
     for later in ("last.ckpt", "best.ckpt", "step0000004.ckpt"):  # as if the run had died after step 2
