@@ -85,6 +85,14 @@ def full_params(module: nn.Module) -> Iterator[None]:
             unit.reshard()
 
 
+def refuse_gradient_cache(accumulate: int) -> None:
+    """``accumulate=k`` (GradCache) calls backward inside the objective's ``accumulated_backward``, between FSDP2's
+    gathers of the root unit: not supported yet."""
+    if accumulate > 1:
+        raise ValueError(f"accumulate={accumulate} does not run under trainer=fsdp yet: use trainer=ddp with "
+                         f"accumulate, or a smaller data.batch_size with trainer=fsdp")
+
+
 class BlockFSDP(ModelParallelStrategy):
     """FSDP2 through Lightning's :class:`ModelParallelStrategy`, with the sharding of :func:`shard`.
 
@@ -95,7 +103,8 @@ class BlockFSDP(ModelParallelStrategy):
     are one full state dict on rank 0 (``clipkit eval`` reads it on one device, as any other checkpoint)."""
 
     def __init__(self, reshard_after_forward: bool = True, process_group_backend: str | None = None,
-                 timeout: timedelta | None = default_pg_timeout) -> None:
+                 timeout: timedelta | None = default_pg_timeout, accumulate: int = 1) -> None:
+        refuse_gradient_cache(accumulate)  # told by the config, so the refusal comes before anything starts
         super().__init__(save_distributed_checkpoint=False, process_group_backend=process_group_backend,
                          timeout=timeout)
         self.reshard_after_forward = reshard_after_forward
@@ -106,9 +115,7 @@ class BlockFSDP(ModelParallelStrategy):
         super().setup_environment()
 
     def setup(self, trainer: L.Trainer) -> None:
-        if getattr(self.lightning_module, "accumulate", 1) > 1:  # GradCache calls backward inside the root unit
-            raise ValueError(f"accumulate={self.lightning_module.accumulate} does not run under trainer=fsdp yet: "
-                             f"use trainer=ddp with accumulate, or a smaller data.batch_size with trainer=fsdp")
+        refuse_gradient_cache(getattr(self.lightning_module, "accumulate", 1))
         self._replicated = shard(self.lightning_module, self.device_mesh["data_parallel"], self.reshard_after_forward)
         super().setup(trainer)
 

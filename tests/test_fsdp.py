@@ -93,10 +93,13 @@ def test_every_block_of_both_towers_is_its_own_unit_and_the_objective_the_root(t
     assert isinstance(objective.text_proj.weight, DTensor)
 
 
-def test_gradient_cache_under_fsdp_is_refused_in_one_line(tiny_cfg):
-    strategy = BlockFSDP()
+def test_gradient_cache_under_fsdp_is_refused_in_one_line_before_anything_starts(tiny_cfg):
+    message = r"accumulate=2 does not run under trainer=fsdp yet: use trainer=ddp"
+    with pytest.raises(Exception, match=message):  # the config's strategy: the CLI prints the cause's one line
+        instantiate(tiny_cfg("trainer=fsdp", "accumulate=2").trainer.strategy)
+    strategy = BlockFSDP()  # built by hand, for a module with its own accumulate
     strategy.connect(instantiate(tiny_cfg("accumulate=2").module))
-    with pytest.raises(ValueError, match=r"^accumulate=2 does not run under trainer=fsdp yet: use trainer=ddp"):
+    with pytest.raises(ValueError, match=f"^{message}"):
         strategy.setup(None)
 
 
