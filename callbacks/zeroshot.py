@@ -10,6 +10,7 @@ import torch
 
 from clipkit.evaluation import recall_at_k, topk_accuracy
 from clipkit.evaluation.suite import scores
+from clipkit.strategies import full_params
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ class ZeroShotEvaluation(L.Callback):
         was_training = objective.training
         objective.eval()
         metrics: dict[str, float] = {}
-        with trainer.precision_plugin.forward_context():
+        with full_params(pl_module), trainer.precision_plugin.forward_context():  # FSDP: the root units whole
             for zs in datamodule.zeroshot_sets():
                 acc = topk_accuracy(self._scores(objective, zs.images, zs.prompts, device), zs.labels)
                 metrics.update({f"zeroshot/{zs.name}/{k}": v for k, v in acc.items()})

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from contextlib import nullcontext
 
 import lightning as L
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
+from transformers import PreTrainedModel
 
 from clipkit.errors import TrainingDiverged
 from clipkit.objectives import Objective
@@ -18,13 +21,35 @@ from clipkit.resume import gather_objects, rng_states, set_rng_states
 log = logging.getLogger(__name__)
 
 
-def decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decoupled weight decay on weights only: gains, biases and the temperature (ndim < 2) are exempt,
-    as in the paper and open_clip."""
+# transformers has no no_weight_decay(): its position tables (CLIP, BERT: position_embedding(s); GPT-2: wpe) are
+# what open_clip's own text tower exempts (`positional_embedding`).
+POSITION_TABLE = re.compile(r"(^|\.)(wpe|position_embeddings?)$")
+
+
+def no_decay_names(model: nn.Module) -> set[str]:
+    """Names of the parameters of ``model`` that get no weight decay: gains, biases and the temperature (fewer than
+    2 dimensions, as in the paper and open_clip), plus what the towers exempt themselves: timm's
+    ``no_weight_decay()`` (``pos_embed``, ``cls_token``, ...; names relative to the timm model) and transformers'
+    position-embedding tables. Call it on the whole, unsharded model: a flat shard's shape says nothing."""
+    names = {n for n, p in model.named_parameters() if p.ndim < 2}
+    for prefix, m in model.named_modules():
+        dot = f"{prefix}." if prefix else ""
+        if callable(getattr(m, "no_weight_decay", None)):
+            names |= {f"{dot}{n}" for n in m.no_weight_decay()}
+        if isinstance(m, PreTrainedModel):
+            names |= {f"{dot}{n}.weight" for n, sub in m.named_modules()
+                      if isinstance(sub, nn.Embedding) and POSITION_TABLE.search(n)}
+    return names & {n for n, _ in model.named_parameters()}
+
+
+def decay_groups(model: nn.Module, weight_decay: float, exempt: set[str] | None = None) -> list[dict]:
+    """AdamW's two parameter groups: decoupled weight decay on every weight, none on the names in ``exempt``
+    (default: :func:`no_decay_names` of ``model`` as it is now)."""
+    exempt = no_decay_names(model) if exempt is None else exempt
     decay, no_decay = [], []
-    for p in model.parameters():
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+            (no_decay if name in exempt else decay).append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
@@ -73,6 +98,9 @@ class ClipKitModule(L.LightningModule):
         self.compile_parts = compile
         self.max_nonfinite_steps = max_nonfinite_steps
         self.nonfinite_steps = self.nonfinite_in_a_row = 0
+        # decided now, on whole parameters: a sharding strategy may have flattened or split them by the time
+        # configure_optimizers runs
+        self.no_decay = no_decay_names(objective)
         self.register_buffer("images_seen", torch.zeros((), dtype=torch.long), persistent=True)
         self.run_info: dict = {}  # set by fit(): resolved config, tokenizer, MLflow run; saved in every checkpoint
         self._resumed_rng: list | None = None
@@ -131,7 +159,9 @@ class ClipKitModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         """The NaN/Inf guard. Dropping every gradient makes the optimiser leave each parameter and its state alone
         (AdamW and SGD skip parameters without one); under 16-mixed the grad scaler skips such steps anyway."""
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        # each process checks its own shards (FSDP); the decision below is shared
+        grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in self.parameters()
+                 if p.grad is not None]
         finite = not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
         if not self.trainer.strategy.reduce_boolean_decision(not finite, all=False):  # every rank decides alike
             self.nonfinite_in_a_row = 0
@@ -176,7 +206,7 @@ class ClipKitModule(L.LightningModule):
         self.objective.after_optimizer_step()
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(decay_groups(self.objective, self.weight_decay))
+        optimizer = self.optimizer_factory(decay_groups(self.objective, self.weight_decay, self.no_decay))
         total = self.trainer.estimated_stepping_batches
         if total == float("inf"):
             raise ValueError("the learning-rate schedule needs a finite run: set trainer.max_steps")
