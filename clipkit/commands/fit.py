@@ -128,4 +128,6 @@ def main(overrides: list[str]) -> int:
     except BaseException:
         close_open("FAILED")  # a job stopped the multirun: its parent run is not left RUNNING
         raise
+    finally:  # Hydra leaves its run's config global: a later fit() in this process would take it for its own
+        HydraConfig.instance().cfg = None
     return 0
