@@ -26,6 +26,7 @@ Two layers, both run by :func:`clipkit.config.compose_config`, so every command 
 from __future__ import annotations
 
 import fnmatch
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, List, Optional
@@ -242,6 +243,7 @@ RULES: list[tuple[str, Rule]] = [
     # run
     ("seed", SEED),
     ("accumulate", SIZE),
+    ("module.accumulate", SIZE),
     ("precision", one_of("32-true", "32", "64-true", "64", "bf16-mixed", "16-mixed", "bf16-true", "16-true",
                          "bf16", "16", "transformer-engine", "transformer-engine-float16")),
     # data
@@ -289,7 +291,7 @@ RULES: list[tuple[str, Rule]] = [
     ("module.max_nonfinite_steps", SIZE),
     # trainer
     ("trainer.max_steps", SIZE),                # -1 (Lightning's "no limit") would never end: the stream is endless
-    ("trainer.max_epochs", or_null(at_least(-1))),
+    ("trainer.max_epochs", or_null(one_of(-1, rule=SIZE))),  # -1: no limit (max_steps ends the run)
     ("trainer.log_every_n_steps", SIZE),
     ("trainer.devices", one_of("auto", rule=SIZE)),
     ("trainer.num_nodes", SIZE),
@@ -317,6 +319,7 @@ HOW_TO_SET = {
 }
 
 
+@functools.lru_cache(maxsize=4096)
 def rule_for(key: str) -> Rule | None:
     return next((rule for pattern, rule in RULES if fnmatch.fnmatchcase(key, pattern)), None)
 
