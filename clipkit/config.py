@@ -14,8 +14,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from clipkit.errors import UsageError
 from clipkit.schema import check_config, type_error
-from clipkit.tracking import REPO_ROOT
 
+# Not imported from clipkit.tracking, which loads Lightning and MLflow: a bad value should fail in a second or two.
+REPO_ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 OmegaConf.register_new_resolver("clipkit_root", lambda: str(REPO_ROOT), replace=True)
 

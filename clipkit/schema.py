@@ -179,9 +179,11 @@ def type_error(err: OmegaConfBaseException) -> str | None:
 
 @dataclass(frozen=True)
 class Rule:
-    """``ok(value)`` says whether a resolved value is allowed; ``allowed`` says what is, after "must be"."""
+    """``ok(value)`` says whether a resolved value is allowed; ``allowed`` says what is, after "must be". A rule
+    with ``when`` applies only to configs where ``when(cfg)`` holds (else the next matching pattern decides)."""
     ok: Callable[[Any], bool]
     allowed: str
+    when: Callable[[DictConfig], bool] | None = None
 
 
 def _is_int(v) -> bool:
@@ -232,6 +234,15 @@ def existing_paths() -> Rule:
                 "a list of existing folders")
 
 
+def uses_bpe(cfg: DictConfig) -> bool:
+    return str(OmegaConf.select(cfg, "data.tokenizer._target_", default="")).endswith(".train_or_load_bpe")
+
+
+def bpe_id(name: str, token_id: int) -> Rule:
+    """clipkit's BPE puts its specials first (clipkit.tokenization.SPECIALS): a text model must use those ids."""
+    return Rule(lambda v: v == token_id, f"{token_id}, the {name} id of clipkit's BPE (data/tokenizer=bpe)", uses_bpe)
+
+
 SIZE = at_least(1)
 COUNT = at_least(0)
 SEED = or_null(at_least(0))
@@ -272,6 +283,9 @@ RULES: list[tuple[str, Rule]] = [
     ("data.eval_folders", existing_paths()),
     ("data.tokenizer.vocab_size", SIZE),
     # towers and objectives: sizes >= 1, token ids >= 0
+    ("*.pad_token_id", bpe_id("pad", 0)),
+    ("*.bos_token_id", bpe_id("start", 1)),
+    ("*.eos_token_id", bpe_id("end", 2)),
     ("*_token_id", TOKEN_ID),
     ("*.unlocked_layers", COUNT),
     ("*dropout*", within(0, 1)),
@@ -320,8 +334,13 @@ HOW_TO_SET = {
 
 
 @functools.lru_cache(maxsize=4096)
-def rule_for(key: str) -> Rule | None:
-    return next((rule for pattern, rule in RULES if fnmatch.fnmatchcase(key, pattern)), None)
+def _candidates(key: str) -> tuple[Rule, ...]:
+    return tuple(rule for pattern, rule in RULES if fnmatch.fnmatchcase(key, pattern))
+
+
+def rule_for(key: str, cfg: DictConfig) -> Rule | None:
+    """The first rule of :data:`RULES` whose pattern matches ``key`` and which applies to ``cfg``."""
+    return next((rule for rule in _candidates(key) if rule.when is None or rule.when(cfg)), None)
 
 
 def leaves(cfg: DictConfig, prefix: str = ""):
@@ -346,7 +365,7 @@ def check_config(cfg: DictConfig, config_name: str = "fit") -> None:
                 how = HOW_TO_SET.get(key, f"{key}=...")
                 raise UsageError(f"{key} is required and not set: give it on the command line, {how}")
             continue
-        rule = rule_for(key)
+        rule = rule_for(key, cfg)
         if rule is None or OmegaConf.is_interpolation(parent, name):
             continue
         value = parent[name]

@@ -117,14 +117,17 @@ def test_sizes_steps_and_rates_refuse_zero_and_negatives():
     ("data.mean=[a,b,c]", "data.mean[0]=a: must be a number"),
     ("callbacks.throughput.window=x", "callbacks.throughput.window=x: must be an integer"),
     ("model.image.depth=deep", "model.image.depth=deep: must be an integer >= 1"),
+    ("model.text.config.bos_token_id=0",  # train.py would refuse it only once the towers are built
+     "model.text.config.bos_token_id=0: must be 1, the start id of clipkit's BPE (data/tokenizer=bpe)"),
     ("trainer.devices=0", "trainer.devices=0: must be an integer >= 1 or auto"),
-    ("precision=17", "precision=17: must be 32-true or 32 or 64-true"),
+    ("precision=17", "precision=17: must be 32-true or 32 or 64-true or 64 or bf16-mixed or 16-mixed or bf16-true or "
+                     "16-true or bf16 or 16 or transformer-engine or transformer-engine-float16"),
     ("data.eval_folders=[/no/such/folder]", "data.eval_folders=[/no/such/folder]: must be a list of existing folders"),
 ])
 def test_a_bad_value_is_one_line_naming_key_value_and_what_is_allowed(override, message):
     with pytest.raises(UsageError) as err:
         compose_config([override])
-    assert str(err.value).startswith(message) and "\n" not in str(err.value)
+    assert str(err.value) == message
 
 
 def test_typed_groups_stay_open_to_new_keys_and_closed_to_mistyped_ones():
@@ -198,21 +201,25 @@ def test_the_issues_three_cases_exit_2_in_one_line_from_the_shell(isolated):
 
 @pytest.mark.slow
 def test_every_accepted_value_trains_to_a_normal_end_within_a_time_bound(tiny_cfg):
-    """The values the walk accepts (0 and -1 where they mean "off", "keep all" or "none") run through the real fit
-    on the tiny model for 2 steps, each under a hard time cap: faulthandler kills the test process and prints where
-    it hung if a case runs past it."""
+    """The values the walk accepts (0 and -1 where they mean "off", "none", "no warm-up" or "keep all") run through
+    the real fit on the tiny model for 2 steps under a hard time cap: faulthandler ends the test process, printing
+    where it hung, if a run goes past it. One run per value with every key that accepts it (a run costs ~20 s on the
+    shared CPU, a run per key would take minutes): each of these values only switches its own feature off or keeps
+    more, so none of them changes how another is read."""
     from clipkit.train import fit
 
     cases = accepted_cases()
     assert cases and all(value != "word" for _, value in cases)
-    for key, value in cases:
-        choice = ["objective=caption_lm"] if key.startswith("objective.decoder.") else []
-        cfg = tiny_cfg(*choice, "trainer.max_steps=2", "~logger", f"{key}={value}")
-        faulthandler.dump_traceback_later(60, exit=True)
+    known = set(numeric_keys(tiny_cfg()))
+    assert {key for key, _ in cases} <= known, "a key only some presets have: run it with that preset's choices"
+    for value in sorted({value for _, value in cases}):
+        overrides = [f"{key}={value}" for key, v in cases if v == value]
+        cfg = tiny_cfg("trainer.max_steps=2", *overrides)
+        cfg.logger = None  # no MLflow run: not what is tested, and seconds per run
+        faulthandler.dump_traceback_later(120, exit=True)
         start = time.monotonic()
         try:
             result = fit(cfg)
         finally:
             faulthandler.cancel_dump_traceback_later()
-        assert result.images_seen > 0, (key, value)
-        assert time.monotonic() - start < 60, (key, value)
+        assert result.images_seen > 0 and time.monotonic() - start < 120, overrides
