@@ -10,8 +10,10 @@ from hydra import compose, initialize_config_dir
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import ConfigCompositionException, HydraException, MissingConfigException
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from clipkit.errors import UsageError
+from clipkit.schema import check_config, type_error
 
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 REPO_ROOT = Path(__file__).resolve().parent.parent  # the checkout: experiments/ is a config group there
@@ -69,7 +71,14 @@ def single_job(overrides: list[str]) -> list[str]:
 
 
 def compose_config(overrides: list[str], config_name: str = "fit") -> DictConfig:
-    """Compose like ``fit`` would, turning composition errors into one line."""
+    """Compose like ``fit`` would, then check every value against :mod:`clipkit.schema`'s rules; composition
+    errors, values of the wrong type and values out of range all become one line (:class:`UsageError`)."""
+    cfg = _compose(overrides, config_name)
+    check_config(cfg, config_name)
+    return cfg
+
+
+def _compose(overrides: list[str], config_name: str) -> DictConfig:
     try:
         with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
             return compose(config_name, overrides=overrides)
@@ -81,6 +90,9 @@ def compose_config(overrides: list[str], config_name: str = "fit") -> DictConfig
         raise UsageError(str(err).splitlines()[0]) from None
     except ConfigCompositionException as err:
         first = str(err).splitlines()[0]
+        typed = type_error(err.__cause__) if isinstance(err.__cause__, OmegaConfBaseException) else None
+        if typed:
+            raise UsageError(typed) from None
         if first.startswith("Could not override '"):
             key = first.split("'")[1]
             with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
