@@ -12,6 +12,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from clipkit.cli import main
 from clipkit.errors import DataError, ResumeError
@@ -139,6 +140,28 @@ def test_only_file_locations_may_differ_on_resume(tiny_cfg, tmp_path):
                  "resume=auto")
     assert config_differences(a, b) == []
     assert config_differences(a, tiny_cfg("trainer.max_steps=9")) == ["trainer.max_steps: 8 -> 9"]
+
+
+def stored(cfg):
+    """The config a checkpoint holds: resolved (``RunRecord.config_yaml``)."""
+    return OmegaConf.create(OmegaConf.to_yaml(cfg, resolve=True))
+
+
+@pytest.mark.parametrize("then,change", [
+    ("trainer.precision=bf16-mixed", "trainer.precision: bf16-mixed -> 32-true"),  # now ${precision}
+    ("data.seed=7", "data.seed: 7 -> 0"),  # now ${seed}
+    ("module.accumulate=2", "module.accumulate: 2 -> 1"),  # now ${accumulate}
+])
+def test_a_literal_that_is_an_interpolation_now_is_compared_by_its_value(tiny_cfg, then, change):
+    """Set by an override in the original run, the literal sits where the current config interpolates: resuming
+    without the override would silently change precision, the data seed or the model."""
+    assert config_differences(stored(tiny_cfg(then)), tiny_cfg()) == [change]
+
+
+def test_a_changed_source_is_named_once_not_at_every_key_that_interpolates_it(tiny_cfg, tmp_path):
+    now = tiny_cfg("precision=bf16-mixed", "model.image.depth=2", f"paths.output_dir={tmp_path}/elsewhere")
+    assert config_differences(stored(tiny_cfg()), now) == ["model.image.depth: 1 -> 2",
+                                                           "precision: 32-true -> bf16-mixed"]
 
 
 def test_a_tokenizer_that_is_not_the_checkpoints_is_refused_in_one_line(tiny_cfg, tmp_path):
