@@ -106,6 +106,9 @@ def test_auto_resume_skips_damaged_checkpoints_and_falls_back_to_the_previous_on
     assert found == previous
     resumed = fit(tiny_cfg(*CHECKPOINTS, "resume=auto"))  # the same output folder: its own checkpoints
     assert_bitwise_equal(weights(resumed.checkpoint), expected)
+    # this session trained steps 7 and 8: its rate is of those images, not of the 96 seen before the resume
+    assert resumed.images_seen == 8 * 16
+    assert resumed.train_images_per_second * resumed.train_seconds == pytest.approx(2 * 16)
 
 
 def test_auto_resume_finds_the_newest_checkpoint_of_an_earlier_run_of_the_same_command(tmp_path):
