@@ -139,29 +139,32 @@ def _flat(tree, prefix: str = "") -> dict:
 
 
 REFERENCE = re.compile(r"^\$\{([\w.]+)\}$")  # ``${model.image}``: the value of another key, as it is
+# Resolvers that read this machine, not the config (``${minilm_dir:}``: a package's folder): where files are
+MACHINE = re.compile(r"^\$\{(oc\.env|minilm_dir|clipkit_root|hydra):")
 
 
-def _references(cfg: DictConfig, prefix: str = "") -> dict[str, str]:
+def _references(cfg: DictConfig, prefix: str = "") -> dict[str, str | None]:
     """``key -> source`` for every value that is another key's, as it is (``objective.image_tower: ${model.image}``,
-    ``trainer.precision: ${precision}``): a difference there is the source's, and is reported once, at the source."""
+    ``trainer.precision: ${precision}``): a difference there is the source's, and is reported once, at the source.
+    ``key -> None`` for a value read from this machine (:data:`MACHINE`): where files are."""
     out = {}
     for key, _ in cfg.items_ex(resolve=False):
         name, node = f"{prefix}{key}", cfg._get_node(key)
-        match = REFERENCE.match(str(node._value())) if OmegaConf.is_interpolation(cfg, key) else None
-        if match:
-            out[name] = match.group(1)
+        value = str(node._value()) if OmegaConf.is_interpolation(cfg, key) else ""
+        if REFERENCE.match(value) or MACHINE.match(value):
+            out[name] = REFERENCE.match(value).group(1) if REFERENCE.match(value) else None
         elif isinstance(node, DictConfig):
             out.update(_references(cfg[key], f"{name}."))
     return out
 
 
-def _source(key: str, references: dict[str, str]) -> str:
+def _source(key: str, references: dict[str, str | None]) -> str | None:
     """Where ``key``'s value comes from, following references (``module.objective.image_tower.depth`` ->
-    ``model.image.depth``)."""
+    ``model.image.depth``); None: from this machine."""
     for _ in range(len(references) + 1):  # a cycle would not have resolved; this only bounds the walk
         ref = next((r for r in references if key == r or key.startswith(r + ".")), None)
-        if ref is None:
-            return key
+        if ref is None or references[ref] is None:
+            return key if ref is None else None
         key = references[ref] + key[len(ref):]
     return key
 
@@ -171,7 +174,8 @@ def config_differences(stored: DictConfig, cfg: DictConfig) -> list[str]:
 
     Resolved values are compared: a key that interpolates another in ``cfg`` (``trainer.precision: ${precision}``)
     may hold a literal in the checkpoint's (resolved) config, set by an override then. Where files go is free, and
-    so is what is built from it: ``cfg`` is resolved with the checkpoint's paths."""
+    so is what is built from it (``cfg`` is resolved with the checkpoint's paths) or read from this machine
+    (:data:`MACHINE`)."""
     cfg = copy.deepcopy(cfg)
     with open_dict(cfg):
         for key in FREE_KEYS:
@@ -187,6 +191,8 @@ def config_differences(stored: DictConfig, cfg: DictConfig) -> list[str]:
         if key.startswith(FREE_KEYS) or change[0] == change[1]:
             continue
         source = _source(key, references)
+        if source is None or source.startswith(FREE_KEYS):
+            continue  # where files are on this machine
         if source != key and (old.get(source, "<unset>"), new.get(source, "<unset>")) == change:
             continue  # reported at its source
         out.append(f"{key}: {change[0]} -> {change[1]}")

@@ -167,6 +167,17 @@ def test_a_changed_source_is_named_once_not_at_every_key_that_interpolates_it(ti
                                                            "precision: 32-true -> bf16-mixed"]
 
 
+def test_folders_read_from_this_machine_may_differ_but_a_literal_beside_them_may_not(monkeypatch):
+    """A pretrained model's folder (``${minilm_dir:}``, ``${oc.env:...}``) and what interpolates it are where files
+    are on this machine, as ``paths.*`` are."""
+    monkeypatch.setenv("MODELS", "/new/models")
+    now = OmegaConf.create({"precision": "32-true", "trainer": {"precision": "${precision}"},
+                            "model": {"pretrained": "${oc.env:MODELS}"}, "data": {"tokenizer": "${model.pretrained}"}})
+    then = {"precision": "32-true", "trainer": {"precision": "bf16-mixed"}, "model": {"pretrained": "/old/models"},
+            "data": {"tokenizer": "/old/models"}}
+    assert config_differences(OmegaConf.create(then), now) == ["trainer.precision: bf16-mixed -> 32-true"]
+
+
 def test_a_tokenizer_that_is_not_the_checkpoints_is_refused_in_one_line(tiny_cfg, tmp_path):
     """The data under the same path changed since the checkpoint: its token ids would mean other words."""
     run = [*TINY, "data.supersample=1", f"paths.output_dir={tmp_path}/out",
