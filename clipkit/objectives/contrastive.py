@@ -112,8 +112,9 @@ class Contrastive(Objective):
         A no-grad pass caches every chunk's embeddings; the loss over the cached batch gives the gradient with
         respect to each embedding (and the temperature); each chunk is then recomputed with grad and
         backpropagates ``sum(embedding * its gradient)``, which by the chain rule adds exactly its share of the
-        full-batch gradient. Under mixed precision the cached loss runs in float32 with autocast off. The RNG state of the first pass is replayed, so dropout masks agree, and batch-norm
-        running statistics are updated by the second pass only. Batch norm itself normalises each micro-batch
+        full-batch gradient. Under mixed precision the cached loss runs in float32 with autocast off. The RNG
+        state of the first pass is replayed, so dropout masks agree, and batch-norm running statistics are
+        updated by the second pass only. Batch norm itself normalises each micro-batch
         by its own statistics (as DDP does per process), so only towers without it (the paper's ViT, layer norm
         throughout) give exactly the full batch's gradients.
         """
