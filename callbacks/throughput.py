@@ -39,22 +39,32 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, size: int | None = Non
     return 2 * size**3 / best
 
 
-def training_flops_per_sample(objective: torch.nn.Module, batch: dict, samples: int = 4) -> float:
+def training_flops_per_sample(objective: torch.nn.Module, batch: dict, samples: int = 4,
+                              device: torch.device | None = None) -> float:
     """Forward + backward FLOPs of the training loss per sample (``torch.utils.flop_counter``), counted on the
     first ``samples`` of a real batch. The run is left as it was: no gradients, batch-norm statistics or random
-    numbers are consumed."""
+    numbers are consumed, on the CPU or on ``device``'s CUDA generator (a dropout mask drawn on the GPU would
+    otherwise make runs with and without this monitor diverge)."""
     part = {k: v[:samples] if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     n = len(part["images"])
-    with torch.random.fork_rng(devices=[]), running_stats_kept(objective):
+    cuda = [] if device is None or device.type != "cuda" else [
+        device.index if device.index is not None else torch.cuda.current_device()]
+    with torch.random.fork_rng(devices=cuda, device_type="cuda"), running_stats_kept(objective):
         flops = measure_flops(objective, lambda: objective.loss(part)[0], loss_fn=lambda loss: loss)
     objective.zero_grad(set_to_none=True)
     return flops / n
 
 
+def evaluation_seconds(trainer: L.Trainer) -> float:
+    """Seconds the callbacks have spent evaluating so far (their ``seconds``: :class:`ZeroShotEvaluation`'s)."""
+    return sum(getattr(c, "seconds", 0.0) for c in trainer.callbacks)
+
+
 class ThroughputMonitor(L.Callback):
     """Logs ``throughput/*`` against images seen every ``log_every_n_steps``, averaged over the last ``window``
     steps (Lightning's :class:`Throughput`): samples per second (all processes), FLOPs per sample, achieved
-    FLOP/s and ``mfu``, its fraction of :func:`matmul_peak` measured on the same device at the start.
+    FLOP/s and ``mfu``, its fraction of :func:`matmul_peak` measured on the same device at the start. The clock
+    stops while the callbacks evaluate (:func:`evaluation_seconds`), so a window holding an evaluation is not low.
 
     Lightning's own ``ThroughputMonitor`` knows the peak of listed GPUs only and steps by batch; this one measures
     the peak (CPUs too), counts FLOPs itself and logs beside ``images_seen``.
@@ -73,6 +83,7 @@ class ThroughputMonitor(L.Callback):
         self.throughput = Throughput(available_flops=self.peak, world_size=trainer.world_size, window_size=self.window)
         self.samples = self.batches = 0
         self.start = None
+        self.evaluated = 0.0  # evaluation seconds before the clock started
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         strategy = getattr(trainer.strategy, "strategy_name", "")
@@ -82,19 +93,22 @@ class ThroughputMonitor(L.Callback):
         if self.flops_per_sample is None:
             try:
                 with trainer.precision_plugin.forward_context():
-                    self.flops_per_sample = training_flops_per_sample(pl_module.objective, batch)
+                    self.flops_per_sample = training_flops_per_sample(pl_module.objective, batch,
+                                                                      device=pl_module.device)
             except Exception as err:  # counting must never stop training (an op the counter cannot trace)
                 log.warning("FLOPs per sample could not be counted (%s): logging samples/s only", err)
                 self.flops_per_sample = 0.0
         if self.start is None:
             self.start = time.perf_counter()  # after the FLOP count: time only training
+            self.evaluated = evaluation_seconds(trainer)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)
         size = len(batch["images"])
         self.samples, self.batches = self.samples + size, self.batches + 1
-        self.throughput.update(time=time.perf_counter() - self.start, batches=self.batches, samples=self.samples,
+        training = time.perf_counter() - self.start - (evaluation_seconds(trainer) - self.evaluated)
+        self.throughput.update(time=training, batches=self.batches, samples=self.samples,
                                flops=int(self.flops_per_sample * size) or None)
         if trainer.global_step % self.log_every_n_steps:
             return
@@ -110,4 +124,4 @@ class ThroughputMonitor(L.Callback):
                                  "throughput/mfu": rates["device/mfu"]})
         if trainer.is_global_zero:  # straight to the loggers: once per logging step, beside its images seen
             for logger in trainer.loggers:
-                logger.log_metrics({**self.metrics, "images_seen": float(pl_module.images_seen)}, trainer.global_step)
+                logger.log_metrics({**self.metrics, "images_seen": int(pl_module.images_seen)}, trainer.global_step)

@@ -152,7 +152,8 @@ class ClipKitModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         self.log_dict({f"train/{k}": v for k, v in logs.items()})
         self.log("train/lr", self.lr_schedulers().get_last_lr()[0])
-        self.log("images_seen", self.images_seen.float(), prog_bar=True)
+        # float64 is exact to 2**53 (float32 only to 2**24, 16.8M images): the loggers step by this value
+        self.log("images_seen", self.images_seen.double(), prog_bar=True)
         self.log("train/nonfinite_steps", float(self.nonfinite_steps))
         return loss
 

@@ -8,14 +8,16 @@ that a run is only continued with the settings it was started with.
 
 from __future__ import annotations
 
+import copy
 import logging
 import random
+import re
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from clipkit.errors import ResumeError
 from clipkit.objectives.base import rng_state, set_rng_state
@@ -136,30 +138,64 @@ def _flat(tree, prefix: str = "") -> dict:
     return {prefix[:-1]: tree}
 
 
-def _interpolated_keys(cfg: DictConfig, prefix: str = "") -> set[str]:
-    """Keys whose value interpolates another (``objective.image_tower: ${model.image}``, the tokenizer cache
-    ``${paths.cache_dir}``): a difference there is reported at its source, or is only where files go."""
-    out = set()
+REFERENCE = re.compile(r"^\$\{([\w.]+)\}$")  # ``${model.image}``: the value of another key, as it is
+# Resolvers that read this machine, not the config (``${minilm_dir:}``: a package's folder): where files are
+MACHINE = re.compile(r"^\$\{(oc\.env|minilm_dir|clipkit_root|hydra):")
+
+
+def _references(cfg: DictConfig, prefix: str = "") -> dict[str, str | None]:
+    """``key -> source`` for every value that is another key's, as it is (``objective.image_tower: ${model.image}``,
+    ``trainer.precision: ${precision}``): a difference there is the source's, and is reported once, at the source.
+    ``key -> None`` for a value read from this machine (:data:`MACHINE`): where files are."""
+    out = {}
     for key, _ in cfg.items_ex(resolve=False):
-        name = f"{prefix}{key}"
-        if OmegaConf.is_interpolation(cfg, key):
-            out.add(name)
-        elif isinstance(cfg._get_node(key), DictConfig):
-            out |= _interpolated_keys(cfg[key], f"{name}.")
+        name, node = f"{prefix}{key}", cfg._get_node(key)
+        value = str(node._value()) if OmegaConf.is_interpolation(cfg, key) else ""
+        if REFERENCE.match(value) or MACHINE.match(value):
+            out[name] = REFERENCE.match(value).group(1) if REFERENCE.match(value) else None
+        elif isinstance(node, DictConfig):
+            out.update(_references(cfg[key], f"{name}."))
     return out
 
 
+def _source(key: str, references: dict[str, str | None]) -> str | None:
+    """Where ``key``'s value comes from, following references (``module.objective.image_tower.depth`` ->
+    ``model.image.depth``); None: from this machine."""
+    for _ in range(len(references) + 1):  # a cycle would not have resolved; this only bounds the walk
+        ref = next((r for r in references if key == r or key.startswith(r + ".")), None)
+        if ref is None or references[ref] is None:
+            return key if ref is None else None
+        key = references[ref] + key[len(ref):]
+    return key
+
+
 def config_differences(stored: DictConfig, cfg: DictConfig) -> list[str]:
-    """``key: checkpoint -> now`` for every setting a resumed run would change (all but where files go)."""
+    """``key: checkpoint -> now`` for every setting a resumed run would change (all but where files go).
+
+    Resolved values are compared: a key that interpolates another in ``cfg`` (``trainer.precision: ${precision}``)
+    may hold a literal in the checkpoint's (resolved) config, set by an override then. Where files go is free, and
+    so is what is built from it (``cfg`` is resolved with the checkpoint's paths) or read from this machine
+    (:data:`MACHINE`)."""
+    cfg = copy.deepcopy(cfg)
+    with open_dict(cfg):
+        for key in FREE_KEYS:
+            key = key.rstrip(".")
+            if OmegaConf.select(stored, key) is not None:
+                OmegaConf.update(cfg, key, OmegaConf.select(stored, key), merge=False, force_add=True)
     old = _flat(OmegaConf.to_container(stored, resolve=True))
     new = _flat(OmegaConf.to_container(cfg, resolve=True))
-    free = _interpolated_keys(cfg)
+    references = _references(cfg)
     out = []
     for key in sorted(old.keys() | new.keys()):
-        if key.startswith(FREE_KEYS) or key in free or any(key.startswith(f + ".") for f in free):
+        change = (old.get(key, "<unset>"), new.get(key, "<unset>"))
+        if key.startswith(FREE_KEYS) or change[0] == change[1]:
             continue
-        if old.get(key, "<unset>") != new.get(key, "<unset>"):
-            out.append(f"{key}: {old.get(key, '<unset>')} -> {new.get(key, '<unset>')}")
+        source = _source(key, references)
+        if source is None or source.startswith(FREE_KEYS):
+            continue  # where files are on this machine
+        if source != key and (old.get(source, "<unset>"), new.get(source, "<unset>")) == change:
+            continue  # reported at its source
+        out.append(f"{key}: {change[0]} -> {change[1]}")
     return out
 
 

@@ -32,7 +32,8 @@ class FitResult:
     metrics: dict[str, float]
     images_seen: int
     seconds: float
-    train_images_per_second: float
+    train_images_per_second: float  # this session's images over train_seconds (a resumed run's images before aside)
+    train_seconds: float  # this session's fit without the callbacks' evaluation
     run_id: str | None = None
     experiment_id: str | None = None
     tracking_uri: str | None = None
@@ -77,6 +78,7 @@ class Resume:
     checkpoint: Path
     info: dict  # the checkpoint's ClipKitModule.run_info
     step: int
+    images_seen: int  # at the checkpoint: what this session does not count as its own
 
 
 def find_resume(cfg: DictConfig) -> Resume | None:
@@ -105,7 +107,7 @@ def find_resume(cfg: DictConfig) -> Resume | None:
     if Path(stored.paths.output_dir).is_dir():  # keep writing checkpoints and weights where the run started
         cfg.paths.output_dir = stored.paths.output_dir
     check_config(stored, cfg, path)
-    resume = Resume(path, dict(info), int(ckpt["global_step"]))
+    resume = Resume(path, dict(info), int(ckpt["global_step"]), int(ckpt["state_dict"].get("images_seen", 0)))
     log.info("resuming from %s (step %d); writing to %s", path, resume.step, cfg.paths.output_dir)
     return resume
 
@@ -171,8 +173,9 @@ def fit(cfg: DictConfig, preset: str | None = None) -> FitResult:
 
     eval_seconds = sum(getattr(c, "seconds", 0.0) for c in callbacks)
     seen = int(module.images_seen)
+    trained, train_seconds = seen - (resume.images_seen if resume else 0), max(seconds - eval_seconds, 1e-9)
     result = FitResult(metrics={k: float(v) for k, v in trainer.callback_metrics.items()}, images_seen=seen,
-                       seconds=seconds, train_images_per_second=seen / max(seconds - eval_seconds, 1e-9),
+                       seconds=seconds, train_images_per_second=trained / train_seconds, train_seconds=train_seconds,
                        global_rank=trainer.global_rank)
     for logger in trainer.loggers:
         if isinstance(logger, MLFlowLogger):

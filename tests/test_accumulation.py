@@ -1,10 +1,13 @@
 """accumulate=k: the contrastive batch stays data.batch_size, computed in k micro-batches with the same gradients."""
 
+import copy
+
 import lightning as L
 import pytest
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
+from lightning.pytorch.plugins.precision import MixedPrecision
 
 from clipkit.objectives.base import split_batch
 from tests.conftest import random_batch
@@ -32,6 +35,101 @@ def test_accumulated_gradients_equal_the_full_batch_ones(tiny_cfg, chunks):
     assert set(gradients(objective)) == set(expected)  # the temperature included
     for name, grad in gradients(objective).items():
         torch.testing.assert_close(grad, expected[name], atol=1e-5, rtol=0, msg=name)
+
+
+# dropout in both towers (timm's drop path is 0 in a one-block ViT): the generators matter
+DROPOUT = ["model/image=vit_tiny", "+model.image.proj_drop_rate=0.2", "+model.image.attn_drop_rate=0.2",
+           "+model.text.config.attention_dropout=0.2", "+model.text.config.hidden_dropout=0.2"]
+
+
+def cached_pass_loss(objective, batch: dict, chunks: int, seed: int) -> torch.Tensor:
+    """The loss of the embeddings the cached (no-grad) pass computes, with grad: one pass, chunk after chunk,
+    drawing its dropout masks from the generator in that order."""
+    torch.manual_seed(seed)
+    images, texts = zip(*(objective.embed(part) for part in split_batch(batch, chunks)), strict=True)
+    return objective.loss_of_embeddings(torch.cat(images), torch.cat(texts))[0]
+
+
+def test_with_dropout_each_micro_batch_is_recomputed_with_the_masks_of_the_cached_pass(tiny_cfg, chunks=3):
+    """GradCache's replay: recomputed with other masks, each chunk would backpropagate through other activations
+    than the ones its cached embeddings (and so the gradients it receives) came from."""
+    objective = instantiate(tiny_cfg(*DROPOUT).objective)
+    batch = random_batch(16)
+    other_masks = cached_pass_loss(objective, batch, chunks, seed=2).item()
+    full = cached_pass_loss(objective, batch, chunks, seed=1)
+    full.backward()
+    expected, after = gradients(objective), torch.get_rng_state()
+    objective.zero_grad(set_to_none=True)
+    assert abs(other_masks - full.item()) > 1e-3  # dropout is on: the masks change the loss
+
+    torch.manual_seed(1)
+    loss, _ = objective.accumulated_backward(batch, chunks, torch.Tensor.backward)
+
+    assert loss.item() == pytest.approx(full.item(), abs=1e-6)
+    for name, grad in gradients(objective).items():
+        torch.testing.assert_close(grad, expected[name], atol=1e-5, rtol=1e-4, msg=name)
+    assert torch.equal(torch.get_rng_state(), after)  # the generators end where one pass leaves them
+
+
+def test_under_float16_autocast_the_cached_batch_loss_runs_in_float32(tiny_cfg):
+    """16-mixed: the towers run in float16, the loss over the cached embeddings (and the temperature's gradient
+    from it) in float32 with autocast off; under autocast its logits would be float16, off by ~1e-3."""
+    objective = instantiate(tiny_cfg("model/image=vit_tiny").objective)
+    batch = random_batch(16)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.float16):
+        images, texts = zip(*(objective.embed(part) for part in split_batch(batch, 2)), strict=True)
+    image, text = (torch.cat(x).float() for x in (images, texts))
+    expected, _ = objective.loss_of_embeddings(image, text)
+    (temperature_grad,) = torch.autograd.grad(expected, [objective.logit_scale])
+
+    with torch.autocast("cpu", dtype=torch.float16):
+        loss, _ = objective.accumulated_backward(batch, 2, torch.Tensor.backward)
+
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(expected.item(), abs=1e-6)
+    assert objective.logit_scale.grad.item() == pytest.approx(temperature_grad.item(), rel=1e-5)
+
+
+class Scaler(torch.amp.GradScaler):
+    """A real grad scaler, on the CPU (Lightning's own 16-mixed needs CUDA for one); counts what it scales."""
+
+    def __init__(self) -> None:
+        super().__init__("cpu", init_scale=2.0**12)
+        self.scaled = 0
+
+    def scale(self, outputs):
+        self.scaled += 1
+        return super().scale(outputs)
+
+
+class FirstBatch(L.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if not hasattr(self, "batch"):
+            self.batch = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def test_under_16_mixed_every_gradient_of_the_step_goes_through_the_grad_scaler(tiny_cfg):
+    """Lightning scales each micro-batch's backward by the scaler's factor and unscales before the step: the
+    temperature's gradient from the cached loss must be scaled alike, or it would arrive 4096 times too small."""
+    cfg = tiny_cfg("model/image=vit_tiny", "accumulate=2")
+    torch.manual_seed(0)
+    module = instantiate(cfg.module)
+    reference = copy.deepcopy(module.objective)
+    scaler, capture, first = Scaler(), FirstGradients(), FirstBatch()
+    trainer = instantiate(cfg.trainer, precision=None, plugins=[MixedPrecision("16-mixed", "cpu", scaler)],
+                          max_steps=1, callbacks=[capture, first], logger=False, enable_checkpointing=False)
+    trainer.fit(module, datamodule=instantiate(cfg.data))
+    assert scaler.scaled == 2  # one scaled backward per micro-batch
+
+    with torch.autocast("cpu", dtype=torch.float16):  # the same step, unscaled
+        reference.accumulated_backward(first.batch, 2, torch.Tensor.backward)
+    expected = gradients(reference)
+    assert "logit_scale" in expected
+    got = {name: capture.grads[f"objective.{name}"] for name in expected}  # after unscaling, before the step
+    assert got["logit_scale"].item() == pytest.approx(expected["logit_scale"].item(), rel=1e-6)
+    # the towers' gradients: equal up to float16 rounding (scaled by 2**12, a tiny gradient underflows less)
+    flat = {k: torch.cat([g.flatten() for g in d.values()]) for k, d in (("got", got), ("expected", expected))}
+    assert (flat["got"] - flat["expected"]).norm() < 1e-3 * flat["expected"].norm()
 
 
 def test_batch_norm_running_statistics_are_updated_once_per_micro_batch(tiny_cfg):

@@ -12,6 +12,7 @@ from pathlib import Path
 import mlflow
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from clipkit.cli import main
 from clipkit.errors import DataError, ResumeError
@@ -105,6 +106,9 @@ def test_auto_resume_skips_damaged_checkpoints_and_falls_back_to_the_previous_on
     assert found == previous
     resumed = fit(tiny_cfg(*CHECKPOINTS, "resume=auto"))  # the same output folder: its own checkpoints
     assert_bitwise_equal(weights(resumed.checkpoint), expected)
+    # this session trained steps 7 and 8: its rate is of those images, not of the 96 seen before the resume
+    assert resumed.images_seen == 8 * 16
+    assert resumed.train_images_per_second * resumed.train_seconds == pytest.approx(2 * 16)
 
 
 def test_auto_resume_finds_the_newest_checkpoint_of_an_earlier_run_of_the_same_command(tmp_path):
@@ -139,6 +143,39 @@ def test_only_file_locations_may_differ_on_resume(tiny_cfg, tmp_path):
                  "resume=auto")
     assert config_differences(a, b) == []
     assert config_differences(a, tiny_cfg("trainer.max_steps=9")) == ["trainer.max_steps: 8 -> 9"]
+
+
+def stored(cfg):
+    """The config a checkpoint holds: resolved (``RunRecord.config_yaml``)."""
+    return OmegaConf.create(OmegaConf.to_yaml(cfg, resolve=True))
+
+
+@pytest.mark.parametrize("then,change", [
+    ("trainer.precision=bf16-mixed", "trainer.precision: bf16-mixed -> 32-true"),  # now ${precision}
+    ("data.seed=7", "data.seed: 7 -> 0"),  # now ${seed}
+    ("module.accumulate=2", "module.accumulate: 2 -> 1"),  # now ${accumulate}
+])
+def test_a_literal_that_is_an_interpolation_now_is_compared_by_its_value(tiny_cfg, then, change):
+    """Set by an override in the original run, the literal sits where the current config interpolates: resuming
+    without the override would silently change precision, the data seed or the model."""
+    assert config_differences(stored(tiny_cfg(then)), tiny_cfg()) == [change]
+
+
+def test_a_changed_source_is_named_once_not_at_every_key_that_interpolates_it(tiny_cfg, tmp_path):
+    now = tiny_cfg("precision=bf16-mixed", "model.image.depth=2", f"paths.output_dir={tmp_path}/elsewhere")
+    assert config_differences(stored(tiny_cfg()), now) == ["model.image.depth: 1 -> 2",
+                                                           "precision: 32-true -> bf16-mixed"]
+
+
+def test_folders_read_from_this_machine_may_differ_but_a_literal_beside_them_may_not(monkeypatch):
+    """A pretrained model's folder (``${minilm_dir:}``, ``${oc.env:...}``) and what interpolates it are where files
+    are on this machine, as ``paths.*`` are."""
+    monkeypatch.setenv("MODELS", "/new/models")
+    now = OmegaConf.create({"precision": "32-true", "trainer": {"precision": "${precision}"},
+                            "model": {"pretrained": "${oc.env:MODELS}"}, "data": {"tokenizer": "${model.pretrained}"}})
+    then = {"precision": "32-true", "trainer": {"precision": "bf16-mixed"}, "model": {"pretrained": "/old/models"},
+            "data": {"tokenizer": "/old/models"}}
+    assert config_differences(OmegaConf.create(then), now) == ["trainer.precision: bf16-mixed -> 32-true"]
 
 
 def test_a_tokenizer_that_is_not_the_checkpoints_is_refused_in_one_line(tiny_cfg, tmp_path):

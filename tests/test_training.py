@@ -99,3 +99,19 @@ def test_a_run_records_only_the_towers_its_objective_builds(tiny_cfg, isolated):
     assert run.data.tags["clipkit.arm"] == "bag-of-words prediction"
     assert "model/image/name" in run.data.params and not any(k.startswith("model/text/") for k in run.data.params)
     assert "zeroshot/scenes/top1" in result.metrics  # the same metric names as every other objective
+
+
+def test_images_seen_beyond_float32_reaches_mlflow_exactly(tiny_cfg, monkeypatch):
+    """Above 2**24 (16.8M images) float32 cannot hold every count: 2**24 + 17 would be logged as 2**24 + 16."""
+    from clipkit.module import ClipKitModule
+
+    start = 2**24 + 1
+    monkeypatch.setattr(ClipKitModule, "on_train_start", lambda self: self.images_seen.fill_(start), raising=False)
+    result = fit(tiny_cfg("trainer.max_steps=2"))
+    client = mlflow.MlflowClient(tracking_uri=result.tracking_uri)
+    expected = [start + 16, start + 32]
+    assert result.images_seen == expected[-1]
+    assert [m.step for m in client.get_metric_history(result.run_id, "train/loss")] == expected
+    seen = client.get_metric_history(result.run_id, "images_seen")
+    assert [(m.step, m.value) for m in seen] == [(n, n) for n in expected]
+    assert [m.step for m in client.get_metric_history(result.run_id, "zeroshot/mean_top1")] == expected[-1:]

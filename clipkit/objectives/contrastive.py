@@ -112,8 +112,9 @@ class Contrastive(Objective):
         A no-grad pass caches every chunk's embeddings; the loss over the cached batch gives the gradient with
         respect to each embedding (and the temperature); each chunk is then recomputed with grad and
         backpropagates ``sum(embedding * its gradient)``, which by the chain rule adds exactly its share of the
-        full-batch gradient. The RNG state of the first pass is replayed, so dropout masks agree, and batch-norm
-        running statistics are updated by the second pass only. Batch norm itself normalises each micro-batch
+        full-batch gradient. Under mixed precision the cached loss runs in float32 with autocast off. The RNG
+        state of the first pass is replayed, so dropout masks agree, and batch-norm running statistics are
+        updated by the second pass only. Batch norm itself normalises each micro-batch
         by its own statistics (as DDP does per process), so only towers without it (the paper's ViT, layer norm
         throughout) give exactly the full batch's gradients.
         """
@@ -125,12 +126,15 @@ class Contrastive(Objective):
                 image, text = self.embed(part)
                 images.append(image)
                 texts.append(text)
-        # the loss over the cached batch in at least float32, as autocast computes it
+        # the loss over the cached batch in at least float32, outside autocast (under 16-mixed its matmul would run
+        # in float16); unscaled: its gradients reach the parameters through ``backward``, which scales them as the
+        # step's other backward passes (Lightning's manual_backward: the grad scaler's factor)
         image, text = (torch.cat(x).to(torch.promote_types(x[0].dtype, torch.float32)).requires_grad_()
                        for x in (images, texts))
-        loss, logs = self.loss_of_embeddings(image, text, gather)
-        wrt = [image, text] + ([self.logit_scale] if self.logit_scale.requires_grad else [])
-        grads = torch.autograd.grad(loss, wrt)
+        with torch.autocast(image.device.type, enabled=False):
+            loss, logs = self.loss_of_embeddings(image, text, gather)
+            wrt = [image, text] + ([self.logit_scale] if self.logit_scale.requires_grad else [])
+            grads = torch.autograd.grad(loss, wrt)
         sizes = [len(x) for x in images]
         image_grads, text_grads = grads[0].split(sizes), grads[1].split(sizes)
         for i, part in enumerate(parts):  # replaying the last chunk leaves the generators where one pass would
