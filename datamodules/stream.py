@@ -19,9 +19,9 @@ through the same code:
   shuffle buffer's draws, and each sample's random crop (seeded by its place in the reader's stream, not by
   a worker's running generator). Each batch carries ``batch["position"]``: its reader and how many records
   that reader had consumed once the batch was complete. :meth:`BatchStream.resume` replays each reader's
-  record stream up to its position without decoding a single image (nor, from tar shards, reading one), and starts the workers' round robin at
-  the worker whose batch was due next, so a resumed epoch yields exactly the batches the interrupted one
-  had still to yield, in the same order.
+  record stream up to its position without decoding a single image (nor, from tar shards, reading one), and
+  starts the workers' round robin at the worker whose batch was due next, so a resumed epoch yields exactly the
+  batches the interrupted one had still to yield, in the same order.
 * **Replay at scale.** A reader millions of records deep replays from record keys alone: a source that can
   (:meth:`datamodules.webdataset.ShardSource.lazy_records`, local tar shards) reads tar headers and seeks past
   the payloads, and only the records still in the shuffle buffer once the position is reached have their bytes
