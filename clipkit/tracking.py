@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import socket
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +16,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from clipkit.config import REPO_ROOT
 
+log = logging.getLogger(__name__)
 
 
 class MLFlowLogger(_LightningMLFlowLogger):
@@ -88,7 +92,50 @@ def run_tags(cfg: DictConfig, preset: str | None, arm: str | None = None) -> dic
         "clipkit.arm": arm or str(cfg.objective._target_).rsplit(".", 1)[-1],
         "clipkit.seed": str(cfg.get("seed")),
         "clipkit.overrides": " ".join(_command_line()),
+        **process_tags(),
     }
+
+
+def process_tags() -> dict[str, str]:
+    """The process writing a run (set again by each resume): a run left RUNNING by a process that is gone was
+    killed before it could say so (:func:`mark_dead_runs`)."""
+    return {"clipkit.host": socket.gethostname(), "clipkit.pid": str(os.getpid())}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def mark_dead_runs(client, experiment_ids: list[str] | None = None) -> list[str]:
+    """Mark as KILLED the RUNNING runs of ``experiment_ids`` (all experiments if None) whose recorded process
+    (:func:`process_tags`) ran on this host and is gone: a process killed before its first checkpoint (SIGKILL, the
+    OOM killer, a preempted node) leaves its run RUNNING forever. Runs of other hosts, runs without the tags and runs
+    of live processes are left alone (a reused pid counts as live). Returns the ids marked."""
+    if experiment_ids is None:
+        experiment_ids = [e.experiment_id for e in client.search_experiments()]
+    if not experiment_ids:
+        return []
+    query = f"attributes.status = 'RUNNING' and tags.`clipkit.host` = '{socket.gethostname()}'"
+    marked, token = [], None
+    while True:
+        page = client.search_runs(experiment_ids, query, page_token=token)
+        for run in page:
+            pid = run.data.tags.get("clipkit.pid", "")
+            if pid.isdigit() and not _alive(int(pid)):
+                client.set_terminated(run.info.run_id, status="KILLED")
+                marked.append(run.info.run_id)
+        token = page.token
+        if not token:
+            break
+    if marked:
+        log.info("marked %d run(s) whose process is gone as KILLED: %s", len(marked), ", ".join(marked))
+    return marked
 
 
 def _choices() -> dict[str, str]:

@@ -22,7 +22,7 @@ from clipkit.errors import ResumeError
 from clipkit.resume import check_config, check_tokenizer, locate, static_root
 from clipkit.sweep import job_run, nest
 from clipkit.tokenization import special_tokens
-from clipkit.tracking import MLFlowLogger, RunRecord, run_tags
+from clipkit.tracking import MLFlowLogger, RunRecord, mark_dead_runs, process_tags, run_tags
 
 log = logging.getLogger(__name__)
 
@@ -129,6 +129,16 @@ def continued_run(resume: Resume, cfg: DictConfig) -> str | None:
     return run_id
 
 
+def mark_dead_runs_of(cfg: DictConfig) -> None:
+    """A relaunch (``resume=``) closes this experiment's runs whose process died without a word (on this host)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(str(cfg.logger.tracking_uri))
+    experiment = client.get_experiment_by_name(str(cfg.logger.experiment_name))
+    if experiment is not None:
+        mark_dead_runs(client, [experiment.experiment_id])
+
+
 def fit(cfg: DictConfig, preset: str | None = None) -> FitResult:
     """Instantiate data, model, callbacks, loggers and trainer from ``cfg`` (in that order) and train;
     with ``cfg.resume``, continue an interrupted run where its checkpoint left it."""
@@ -151,6 +161,8 @@ def fit(cfg: DictConfig, preset: str | None = None) -> FitResult:
     # Only the first process records. Under torchrun or SLURM every rank runs this function at once, and merely
     # creating an MLflow client opens (and, for sqlite, creates) the store: ranks would race on it.
     records = cfg.get("logger") is not None and rank_zero_only.rank == 0
+    if records and cfg.get("resume"):
+        mark_dead_runs_of(cfg)
     run_id = continued_run(resume, cfg) if resume is not None and records else None
     tags = {**run_tags(cfg, preset, module.objective.arm), **record.tags, **job.tags}
     name = cfg.logger.get("run_name") or job.name if records else None
@@ -164,6 +176,8 @@ def fit(cfg: DictConfig, preset: str | None = None) -> FitResult:
                 record.log(logger, [p for p in [getattr(tokenizer, "cache_path", None)] if p])
             else:
                 logger.experiment.set_tag(run_id, "clipkit.resumed_from", f"{resume.checkpoint} (step {resume.step})")
+                for key, value in process_tags().items():  # the process now writing it
+                    logger.experiment.set_tag(run_id, key, value)
                 nest(logger.experiment, run_id, job)
             module.run_info.update(run_id=logger.run_id, tracking_uri=logger._tracking_uri)
 

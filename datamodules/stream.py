@@ -19,9 +19,13 @@ through the same code:
   shuffle buffer's draws, and each sample's random crop (seeded by its place in the reader's stream, not by
   a worker's running generator). Each batch carries ``batch["position"]``: its reader and how many records
   that reader had consumed once the batch was complete. :meth:`BatchStream.resume` replays each reader's
-  record stream up to its position without decoding a single image, and starts the workers' round robin at
-  the worker whose batch was due next, so a resumed epoch yields exactly the batches the interrupted one
-  had still to yield, in the same order.
+  record stream up to its position without decoding a single image (nor, from tar shards, reading one), and
+  starts the workers' round robin at the worker whose batch was due next, so a resumed epoch yields exactly the
+  batches the interrupted one had still to yield, in the same order.
+* **Replay at scale.** A reader millions of records deep replays from record keys alone: a source that can
+  (:meth:`datamodules.webdataset.ShardSource.lazy_records`, local tar shards) reads tar headers and seeks past
+  the payloads, and only the records still in the shuffle buffer once the position is reached have their bytes
+  read, when they are decoded.
 """
 
 from __future__ import annotations
@@ -58,7 +62,9 @@ class Record(NamedTuple):
 class Source(Protocol):
     """Where records come from. ``records`` yields a shard's records in a fixed order (or, given a
     ``seed`` string, a permutation all readers agree on), and raises :class:`BadSample` (kind
-    ``unreadable_shard``) partway if the shard is damaged."""
+    ``unreadable_shard``) partway if the shard is damaged. A source may also offer
+    ``lazy_records(shard, seed, replay)``: the same records, with payloads left as zero-argument functions while
+    ``replay.on`` (:class:`Replay`)."""
 
     def shards(self) -> list[str]: ...
 
@@ -85,6 +91,14 @@ def shuffled(records: Iterator[Record], size: int, rng: random.Random) -> Iterat
             yield buffer.pop()
     rng.shuffle(buffer)
     yield from buffer
+
+
+@dataclass
+class Replay:
+    """``on`` while a resumed reader replays up to its position: records are then only counted and shuffled, so
+    their payloads need not be read (most of them never will be)."""
+
+    on: bool = False
 
 
 @dataclass
@@ -154,7 +168,7 @@ def decode_record(record: Record, max_pixels: int, decode_size: int | None):
         raise record.image
     if record.image is None:
         raise BadSample("missing_image")
-    caption = decode_caption(record.caption)
+    caption = decode_caption(record.caption() if callable(record.caption) else record.caption)
     payload = record.image() if callable(record.image) else record.image
     image, repaired = decode_image(payload, max_pixels, decode_size)
     return image, repaired, caption
@@ -220,7 +234,7 @@ class BatchStream(IterableDataset):
         per_rank = max(1, self.samples_per_epoch // (self.world * self.batch_size))
         return per_rank // workers + (worker < per_rank % workers)
 
-    def _pass(self, reader: int, readers: int, number: int) -> Iterator[Record]:
+    def _pass(self, reader: int, readers: int, number: int, replay: Replay) -> Iterator[Record]:
         """One pass over this reader's share (``number`` reseeds the shuffles of repeated passes)."""
         shards = self.source.shards()
         order = list(range(len(shards)))
@@ -229,36 +243,37 @@ class BatchStream(IterableDataset):
         for position, every, offset in assignment(len(shards), reader, readers):
             shard = shards[order[position]]
             shard_seed = f"{self.seed}/{self.epoch}/{number}/{shard}" if self.shuffle else None
-            for i, record in enumerate(self._guarded(shard, shard_seed)):
+            for i, record in enumerate(self._guarded(shard, shard_seed, replay)):
                 if i % every == offset:
                     yield record
 
-    def _resampled(self, reader: int) -> Iterator[Record]:
+    def _resampled(self, reader: int, replay: Replay) -> Iterator[Record]:
         shards, rng = self.source.shards(), random.Random(f"{self.seed}/{self.epoch}/{reader}/resampled")
         empty_draws = 0
         for number in range(1 << 62):
             before = empty_draws
-            for record in self._guarded(rng.choice(shards), f"{self.seed}/{self.epoch}/{reader}/{number}"):
+            for record in self._guarded(rng.choice(shards), f"{self.seed}/{self.epoch}/{reader}/{number}", replay):
                 empty_draws = 0
                 yield record
             if before == empty_draws and (empty_draws := empty_draws + 1) > 10 * len(shards):
                 raise DataError(f"{empty_draws} shards drawn in a row held no samples: are the shards empty?")
 
-    def _guarded(self, shard: str, seed: str | None) -> Iterator[Record]:
+    def _guarded(self, shard: str, seed: str | None, replay: Replay) -> Iterator[Record]:
         """A damaged shard loses its remaining records, counted, and the stream goes on."""
+        lazy = getattr(self.source, "lazy_records", None) if replay.on else None
         try:
-            yield from self.source.records(shard, seed)
+            yield from lazy(shard, seed, replay) if lazy else self.source.records(shard, seed)
         except BadSample as bad:
             yield Record(shard, "", bad, None)
 
-    def _records(self, reader: int, readers: int, cycle: bool) -> Iterator[Record]:
+    def _records(self, reader: int, readers: int, cycle: bool, replay: Replay) -> Iterator[Record]:
         if self.resampled:
-            yield from self._resampled(reader)
+            yield from self._resampled(reader, replay)
             return
         number = 0
         while True:
             empty = True
-            for record in self._pass(reader, readers, number):
+            for record in self._pass(reader, readers, number, replay):
                 empty = False
                 yield record
             number += 1
@@ -266,6 +281,17 @@ class BatchStream(IterableDataset):
                 return
             if empty:  # cycling an empty share would spin forever
                 raise DataError(f"reader {reader} of {readers} has no samples in its share of the shards")
+
+    def _stream(self, reader: int, readers: int, cycle: bool, skip: int) -> Counted:
+        """This reader's (shuffled) records, the first ``skip`` replayed: counted and shuffled from keys and tar
+        headers, payloads read only for the records the shuffle buffer still holds at the position."""
+        replay = Replay(on=skip > 0)
+        records = self._records(reader, readers, cycle, replay)
+        if self.shuffle and self.shuffle_buffer > 1:
+            records = shuffled(records, self.shuffle_buffer, random.Random(f"{self.seed}/{self.epoch}/{reader}"))
+        counted = Counted(records, skip=skip)
+        replay.on = False
+        return counted
 
     def _decoded(self, records: Counted, tally: Tally, reader: int) -> Iterator[tuple[str, torch.Tensor, str]]:
         in_a_row = 0
@@ -300,10 +326,8 @@ class BatchStream(IterableDataset):
         quota = self._batches_per_worker(role, workers)
         if quota is not None and done["batches"] >= quota:
             return
-        records = self._records(reader, readers, cycle=quota is not None)
-        if self.shuffle and self.shuffle_buffer > 1:
-            records = shuffled(records, self.shuffle_buffer, random.Random(f"{self.seed}/{self.epoch}/{reader}"))
-        counted, tally, made = Counted(records, skip=done["records"]), Tally(), done["batches"]
+        counted = self._stream(reader, readers, cycle=quota is not None, skip=done["records"])
+        tally, made = Tally(), done["batches"]
         samples = self._decoded(counted, tally, reader)
         batch = list(islice(samples, self.batch_size))
         while batch and (quota is None or made < quota):

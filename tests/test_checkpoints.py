@@ -49,3 +49,41 @@ def test_the_end_of_training_is_checkpointed_between_two_periodic_saves(tiny_cfg
     folder = Path(result.checkpoint).parent
     assert sorted(p.name for p in folder.glob("step*")) == ["step0000003.ckpt", "step0000006.ckpt", "step0000007.ckpt"]
     assert torch.load(folder / "last.ckpt", weights_only=True)["global_step"] == 7
+
+
+@pytest.mark.slow
+def test_after_resumes_the_folder_keeps_what_the_uninterrupted_run_keeps(tiny_cfg, tmp_path, monkeypatch):
+    """Two ways a resume orphaned a full checkpoint: Lightning keeps the file a run resumed from forever, and a run
+    killed between writing a checkpoint and deleting the one it replaces left that one to no one."""
+    from callbacks.checkpointing import Checkpoint
+    from clipkit.module import ClipKitModule
+
+    run = ["trainer.max_steps=5", "callbacks.checkpoint.every_n_train_steps=1", "callbacks.checkpoint.save_top_k=2",
+           "callbacks.zeroshot.every_n_steps=0"]
+    whole = Path(fit(tiny_cfg(*run, f"paths.output_dir={tmp_path}/whole")).checkpoint).parent
+    out = f"paths.output_dir={tmp_path}/resumed"
+    folder = tmp_path / "resumed" / "checkpoints"
+
+    def power_cut(self, outputs, batch, batch_idx):  # after step 2's checkpoint
+        if self.trainer.global_step == 2:
+            raise RuntimeError("power cut")
+
+    monkeypatch.setattr(ClipKitModule, "on_train_batch_end", power_cut, raising=False)
+    with pytest.raises(RuntimeError, match="power cut"):
+        fit(tiny_cfg(*run, out))
+    monkeypatch.undo()
+    remove = Checkpoint._remove_checkpoint
+
+    def cut_mid_removal(self, trainer, filepath):  # step 3 written, step 1 not yet deleted
+        if trainer.global_step == 3:
+            raise RuntimeError("power cut")
+        remove(self, trainer, filepath)
+
+    monkeypatch.setattr(Checkpoint, "_remove_checkpoint", cut_mid_removal)
+    with pytest.raises(RuntimeError, match="power cut"):
+        fit(tiny_cfg(*run, out, f"resume={folder / 'step0000002.ckpt'}"))  # killed before last.ckpt was written
+    monkeypatch.undo()
+    assert (folder / "step0000001.ckpt").exists()
+    fit(tiny_cfg(*run, out, f"resume={folder / 'step0000003.ckpt'}"))
+    assert sorted(p.name for p in folder.iterdir()) == sorted(p.name for p in whole.iterdir())
+    assert sorted(p.name for p in folder.glob("step*")) == ["step0000004.ckpt", "step0000005.ckpt"]

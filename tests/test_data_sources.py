@@ -250,3 +250,52 @@ def test_a_reader_with_an_empty_share_fails_in_one_line_instead_of_spinning(tmp_
     with pytest.raises(DataError) as err:
         epoch(dm, 0, 1)
     assert _one_line(err.value) == "reader 1 of 2 has no samples in its share of the shards"
+
+
+def listing(records, replay=None, flip_after: int | None = None) -> list:
+    """A shard's records with their payloads read, and the damage that ended it; ``replay`` is switched off after
+    ``flip_after`` records (the resumed reader reaching its position mid-shard)."""
+    out = []
+    try:
+        for i, record in enumerate(records):
+            if replay is not None and i == flip_after:
+                replay.on = False
+            out.append((record.key, *(p() if callable(p) else p for p in (record.image, record.caption))))
+    except BadSample as bad:
+        out.append(bad.kind)
+    return out
+
+
+@pytest.mark.parametrize("cut", [None, 1500, 2048, 2100, 2560, 4000])
+def test_the_header_only_replay_reads_a_shard_as_the_streaming_reader_does(tmp_path, cut):
+    """Keys, payloads and where damage ends the shard are the same, whatever the tar holds: pax headers (long
+    names), directories, other members, a shard cut mid-payload, mid-header or at a block boundary."""
+    import tarfile
+
+    from datamodules.stream import Replay
+    from datamodules.webdataset import ShardSource
+
+    shard = tmp_path / "00000.tar"
+    write_shards(tmp_path / "plain", 1, good_per_shard=4, bad={"missing_caption": BAD["missing_caption"]})
+    with tarfile.open(shard, "w", format=tarfile.PAX_FORMAT) as tar, tarfile.open(tmp_path / "plain/00000.tar") as src:
+        directory = tarfile.TarInfo("d" * 120 + "/")
+        directory.type = tarfile.DIRTYPE
+        tar.addfile(directory)
+        for i, member in enumerate(src):
+            if i == 4:  # a name only a pax header can hold
+                member.name = "x" * 150 + "/" + member.name
+            member.mtime = 1.5 if i == 1 else member.mtime  # a pax mtime, as webdataset's writer adds to every member
+            member.pax_headers = {"LIBARCHIVE.creationtime": "1"} if i == 2 else {}  # left to tarfile
+            tar.addfile(member, src.extractfile(member))
+    if cut is not None:
+        shard.write_bytes(shard.read_bytes()[:cut])
+    source = ShardSource(str(shard))
+    streamed = listing(source.records(str(shard)))
+    assert listing(source.lazy_records(str(shard), None, Replay(on=True))) == streamed
+    for flip in range(len(streamed)):
+        replay = Replay(on=True)
+        assert listing(source.lazy_records(str(shard), None, replay), replay, flip) == streamed
+    if cut is None:
+        assert len(streamed) == 6 and streamed[0][1] == GOOD and any(r[0].startswith("x" * 150) for r in streamed)
+    else:
+        assert streamed[-1] == "unreadable_shard"

@@ -264,3 +264,42 @@ def test_a_crash_right_after_a_checkpoint_loses_no_metric_step(tiny_cfg, monkeyp
     assert resumed.run_id == run.info.run_id
     assert client.get_run(run.info.run_id).info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [16 * s for s in range(1, 9)]
+
+
+def test_a_resumed_reader_reads_no_payload_of_the_records_it_replays(tmp_path, monkeypatch):
+    """At web scale a reader is millions of records deep: its replay reads tar headers only, and the payloads of
+    just the records it still yields (those the shuffle buffer held at the position, and after)."""
+    import tarfile
+
+    import datamodules.webdataset as wds
+
+    write_shards(tmp_path / "shards", 3, good_per_shard=11, bad={})
+    offsets = {}  # (shard, payload offset) -> key
+    for shard in (tmp_path / "shards").glob("*.tar"):
+        with tarfile.open(shard) as tar:
+            offsets.update({(str(shard), m.offset_data): m.name.split(".")[0] for m in tar})
+    dm = WebDatasetDataModule(shards=str(tmp_path / "shards"), batch_size=4, num_workers=0, image_size=16,
+                              corpus_size=50, retrieval_size=8, shuffle_buffer=8,
+                              tokenizer=partial(train_or_load_bpe, vocab_size=128, cache_dir=str(tmp_path / "tok")))
+    full = batches(dm)
+    read = set()
+    members, payload = wds.tar_members, wds.read_payload
+
+    def counted_members(stream, shard):
+        for member in members(stream, shard):
+            read.add(member["fname"].split(".")[0])
+            yield member
+
+    def counted_payload(shard, offset, size):
+        read.add(offsets[(shard, offset)])
+        return payload(shard, offset, size)
+
+    monkeypatch.setattr(wds, "tar_members", counted_members)
+    monkeypatch.setattr(wds, "read_payload", counted_payload)
+    position = StreamPosition(1, 1)
+    for batch in full[:6]:  # 24 of 33 records: deep in the last shard, so most are replayed
+        position.trained(batch["position"])
+    rest = batches(dm, StreamPosition.merge([position.state()]))
+    assert [b["keys"] for b in rest] == [b["keys"] for b in full[6:]]
+    yielded = {key.split(" ")[1] for b in rest for key in b["keys"]}
+    assert read == yielded, f"payloads read of {len(read - yielded)} replayed records"

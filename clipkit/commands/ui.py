@@ -63,7 +63,10 @@ def main(args: list[str]) -> int:
     uri = cfg.logger.tracking_uri
     import mlflow
 
+    from clipkit.tracking import mark_dead_runs
+
     client = mlflow.MlflowClient(tracking_uri=uri)
+    mark_dead_runs(client)  # runs whose process died unannounced show as KILLED, not RUNNING forever
     lines = []
     if sweep:
         from clipkit.compare import find_sweep
