@@ -145,9 +145,12 @@ class Contrastive(Objective):
     def class_embeddings(self, prompts: dict[str, torch.Tensor], text_batch_size: int | None = None) -> torch.Tensor:
         """``[C, T, L]`` prompts -> ``[C, D]``: mean of normalised prompt embeddings, renormalised (ensembling, as
         open_clip's ``zero_shot_classifier``). The ``C x T`` prompts go through the text tower once, in chunks of
-        ``text_batch_size`` (all at once if None): 1,000 classes x 80 templates is 80k prompts."""
+        ``text_batch_size`` (all at once if None): 1,000 classes x 80 templates is 80k prompts. Padding columns that
+        no prompt reaches are dropped first (prompts are short; right padding is masked, so nothing changes)."""
         c, t, length = prompts["input_ids"].shape
-        ids, mask = prompts["input_ids"].reshape(c * t, length), prompts["attention_mask"].reshape(c * t, length)
+        keep = int(prompts["attention_mask"].sum(-1).max())
+        ids = prompts["input_ids"].reshape(c * t, length)[:, :keep]
+        mask = prompts["attention_mask"].reshape(c * t, length)[:, :keep]
         step = text_batch_size or c * t
         flat = torch.cat([self.encode_text(ids[i:i + step], mask[i:i + step]) for i in range(0, c * t, step)])
         return F.normalize(flat.reshape(c, t, -1).mean(1), dim=-1)
