@@ -8,7 +8,7 @@ import time
 import lightning as L
 import torch
 
-from clipkit.evaluation import recall_at_k, topk_accuracy
+from clipkit.evaluation import retrieval_report, topk_accuracy
 from clipkit.evaluation.suite import gather_rows, rank_rows, scores
 
 log = logging.getLogger(__name__)
@@ -77,10 +77,9 @@ class ZeroShotEvaluation(L.Callback):
             metrics.update(self._classification(trainer, pl_module, datamodule.validation_sets(), "val/zeroshot/"))
             metrics.update(self._classification(trainer, pl_module, datamodule.zeroshot_sets(), "zeroshot/"))
             for rs in datamodule.retrieval_sets() if objective.reads_text else []:
-                scores = self._scores(trainer, pl_module, rs.images, rs.prompts)  # [images, captions]
-                for direction, s, pos in (("image_to_text", scores, rs.positives),
-                                          ("text_to_image", scores.T, rs.positives.T)):
-                    metrics.update({f"retrieval/{rs.name}/{direction}_{k}": v for k, v in recall_at_k(s, pos).items()})
+                s = self._scores(trainer, pl_module, rs.images, rs.prompts)  # [images, captions]
+                report = retrieval_report(s, rs.positives, ks=(1, 5))  # both directions, as clipkit eval
+                metrics.update({f"retrieval/{rs.name}/{k}": v for k, v in report.items()})
         objective.train(was_training)
         seen = int(pl_module.images_seen)
         for logger in trainer.loggers:
