@@ -8,23 +8,35 @@ import time
 import lightning as L
 import torch
 
-from clipkit.evaluation import recall_at_k, topk_accuracy
-from clipkit.evaluation.suite import scores
+from clipkit.evaluation import retrieval_report, topk_accuracy
+from clipkit.evaluation.suite import gather_rows, rank_rows, scores
 from clipkit.strategies import full_params
 
 log = logging.getLogger(__name__)
 
 
+def mean_top1(metrics: dict[str, float], prefix: str) -> dict[str, float]:
+    """``{prefix + "mean_top1": ...}``, the mean of the ``<prefix><set>/top1`` entries (none if there are none)."""
+    top1 = [v for k, v in metrics.items() if k.startswith(prefix) and k.endswith("/top1")]
+    return {f"{prefix}mean_top1": sum(top1) / len(top1)} if top1 else {}
+
+
 class ZeroShotEvaluation(L.Callback):
     """Every ``every_n_steps`` optimiser steps and at the end of training, score the held-out sets that the
-    datamodule offers (``zeroshot_sets()``, ``retrieval_sets()``) through ``objective.zero_shot_logits``.
+    datamodule offers through the objective's one interface (``zero_shot_classifier``, once per set, then
+    ``zero_shot_logits`` per ``batch_size`` images); it never asks which objective it is scoring.
 
-    Logs ``zeroshot/<set>/top1|top5``, ``zeroshot/mean_top1`` (over the sets: what the best checkpoint is kept
-    by) and ``retrieval/<set>/image_to_text_r1|r5`` (and text_to_image) against images seen. Works for any objective: it never asks which one it is scoring.
+    Validation (``validation_sets()``, drawn apart from every reported set): ``val/zeroshot/<set>/top1|top5`` and
+    ``val/zeroshot/mean_top1``, what the best checkpoint is chosen by. Test (the reported sets, ``zeroshot_sets()``,
+    ``retrieval_sets()``): ``zeroshot/<set>/top1|top5``, ``zeroshot/mean_top1`` and
+    ``retrieval/<set>/image_to_text_r1|r5`` (and text_to_image), all against images seen.
+
+    Under DDP each rank scores its share of every set's images and the scores are gathered, so N ranks do the
+    image work of one; every rank builds the (small) classifier itself.
     """
 
-    def __init__(self, every_n_steps: int = 250, batch_size: int = 512) -> None:
-        self.every_n_steps, self.batch_size = every_n_steps, batch_size
+    def __init__(self, every_n_steps: int = 250, batch_size: int = 512, text_batch_size: int | None = 1024) -> None:
+        self.every_n_steps, self.batch_size, self.text_batch_size = every_n_steps, batch_size, text_batch_size
         self.last_step = -1
         self.results: dict[str, float] = {}
         self.seconds = 0.0
@@ -38,30 +50,38 @@ class ZeroShotEvaluation(L.Callback):
         if trainer.global_step != self.last_step:
             self.evaluate(trainer, pl_module)
 
-    def _scores(self, objective, images: torch.Tensor, prompts: dict, device) -> torch.Tensor:
-        return scores(objective, images, prompts, device, self.batch_size)
+    def _scores(self, trainer, pl_module, images: torch.Tensor, prompts: dict) -> torch.Tensor:
+        """``[N, C]`` scores of a whole set, this rank scoring only its share of the images."""
+        objective, device, world = pl_module.objective, pl_module.device, trainer.world_size
+        if world == 1:
+            return scores(objective, images, prompts, device, self.batch_size, self.text_batch_size)
+        mine = images[rank_rows(len(images), trainer.global_rank, world)]
+        local = scores(objective, mine, prompts, device, self.batch_size, self.text_batch_size).to(device)
+        return gather_rows(local, len(images), world, pl_module.all_gather).cpu()
+
+    def _classification(self, trainer, pl_module, sets, prefix: str) -> dict[str, float]:
+        metrics = {}
+        for zs in sets:
+            acc = topk_accuracy(self._scores(trainer, pl_module, zs.images, zs.prompts), zs.labels)
+            metrics.update({f"{prefix}{zs.name}/{k}": v for k, v in acc.items()})
+        return {**metrics, **mean_top1(metrics, prefix)}
 
     @torch.no_grad()
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
         start = time.perf_counter()
         self.last_step = trainer.global_step
-        datamodule, objective, device = trainer.datamodule, pl_module.objective, pl_module.device
+        datamodule, objective = trainer.datamodule, pl_module.objective
         was_training = objective.training
         objective.eval()
         metrics: dict[str, float] = {}
         with full_params(pl_module), trainer.precision_plugin.forward_context():  # FSDP: the root units whole
-            for zs in datamodule.zeroshot_sets():
-                acc = topk_accuracy(self._scores(objective, zs.images, zs.prompts, device), zs.labels)
-                metrics.update({f"zeroshot/{zs.name}/{k}": v for k, v in acc.items()})
+            metrics.update(self._classification(trainer, pl_module, datamodule.validation_sets(), "val/zeroshot/"))
+            metrics.update(self._classification(trainer, pl_module, datamodule.zeroshot_sets(), "zeroshot/"))
             for rs in datamodule.retrieval_sets() if objective.reads_text else []:
-                scores = self._scores(objective, rs.images, rs.prompts, device)  # [images, captions]
-                for direction, s, pos in (("image_to_text", scores, rs.positives),
-                                          ("text_to_image", scores.T, rs.positives.T)):
-                    metrics.update({f"retrieval/{rs.name}/{direction}_{k}": v for k, v in recall_at_k(s, pos).items()})
+                s = self._scores(trainer, pl_module, rs.images, rs.prompts)  # [images, captions]
+                report = retrieval_report(s, rs.positives, ks=(1, 5))  # both directions, as clipkit eval
+                metrics.update({f"retrieval/{rs.name}/{k}": v for k, v in report.items()})
         objective.train(was_training)
-        top1 = [v for k, v in metrics.items() if k.startswith("zeroshot/") and k.endswith("/top1")]
-        if top1:  # one number to keep the best checkpoint by (callbacks.best)
-            metrics["zeroshot/mean_top1"] = sum(top1) / len(top1)
         seen = int(pl_module.images_seen)
         for logger in trainer.loggers:
             logger.log_metrics({**metrics, "images_seen": seen}, step=seen)

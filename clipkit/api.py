@@ -86,8 +86,8 @@ class ClipModel:
         if any("{}" not in t for t in templates):
             raise ValueError(f"every template needs a {{}} where the label goes, got {templates}")
         prompts = on_device(class_prompts(self.tokenizer, labels, templates, self.context_length), self.device)
-        pixels = self.preprocess(images)
-        logits = torch.cat([self.objective.zero_shot_logits(pixels[i:i + self.batch_size], prompts)
+        pixels, classifier = self.preprocess(images), self.objective.zero_shot_classifier(prompts, 1024)
+        logits = torch.cat([self.objective.zero_shot_logits(pixels[i:i + self.batch_size], classifier)
                             for i in range(0, len(pixels), self.batch_size)])
         if torch.isneginf(logits).all(dim=-1).any():  # a classifier asked only for classes it was not trained on
             known = getattr(self.objective, "classnames", None)

@@ -79,7 +79,8 @@ def run_eval(cfg: DictConfig, data_overrides: list[str], ckpt: dict, stored: Dic
     dm = datamodule(stored, data_cfg, info["tokenizer"], info.get("tokenizer_specials"))
     tasks = list(cfg.tasks)
     report = evaluate(module.objective, dm, tasks, device, cfg.batch_size, tuple(cfg.fewshot.ks),
-                      tuple(cfg.fewshot.seeds), tuple(cfg.linear_probe.c_grid), cfg.linear_probe.val_fraction)
+                      tuple(cfg.fewshot.seeds), tuple(cfg.linear_probe.c_grid), cfg.linear_probe.val_fraction,
+                      text_batch_size=cfg.get("text_batch_size"))
     seen = int(module.images_seen)
     result = {"checkpoint": str(Path(cfg.ckpt).resolve()), "run_id": info.get("run_id"), "images_seen": seen,
               "objective": stored.objective._target_, "data": (data_cfg or stored.data)._target_, "tasks": report}

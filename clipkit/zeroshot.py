@@ -1,13 +1,15 @@
 """Held-out evaluation sets and prompt ensembling, independent of the objective and the dataset.
 
-A datamodule offers ``zeroshot_sets()`` and ``retrieval_sets()``; the zero-shot callback scores them
-with ``objective.zero_shot_logits``. Everything is small enough to hold in memory.
+A datamodule offers ``validation_sets()`` (model selection), ``zeroshot_sets()`` and ``retrieval_sets()`` (the
+reported test sets); the zero-shot callback scores them with ``objective.zero_shot_classifier`` and
+``zero_shot_logits``. Everything is small enough to hold in memory.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 
 from clipkit.tokenization import tokenize
@@ -72,3 +74,16 @@ def class_prompts(tokenizer, classnames: list[str], templates: tuple[str, ...] |
 def on_device(prompts: dict, device) -> dict:
     """``prompts`` with its tensors on ``device`` (its class names stay as they are)."""
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in prompts.items()}
+
+
+def split_off(zs: ZeroShotSet, fraction: float, seed: int) -> tuple[ZeroShotSet, ZeroShotSet | None]:
+    """(the rest of ``zs``, a validation set of ``fraction`` of each class's images), disjoint and chosen by
+    ``seed``; no validation set when ``fraction`` picks no image. Both keep the set's name, classes and prompts."""
+    rng, held = np.random.default_rng(seed), torch.zeros(len(zs.labels), dtype=torch.bool)
+    for c in torch.unique(zs.labels).tolist():
+        idx = rng.permutation(torch.nonzero(zs.labels == c).flatten().numpy())
+        held[idx[: round(fraction * len(idx))]] = True
+    if not held.any():
+        return zs, None
+    return (replace(zs, images=zs.images[~held], labels=zs.labels[~held]),
+            replace(zs, images=zs.images[held], labels=zs.labels[held]))

@@ -18,7 +18,7 @@ import torch
 from clipkit.errors import DataError
 from clipkit.resume import gather_objects
 from clipkit.tokenization import tokenize
-from clipkit.zeroshot import DEFAULT_TEMPLATES, ProbeSet, RetrievalSet, ZeroShotSet
+from clipkit.zeroshot import DEFAULT_TEMPLATES, ProbeSet, RetrievalSet, ZeroShotSet, split_off
 from datamodules.decode import BadSample, decode_caption
 from datamodules.imagefolder import image_folder_set
 from datamodules.stream import BatchStream, Collate, EpochDataLoader, Source, StreamPosition, decode_record
@@ -42,14 +42,15 @@ class CaptionDataModule(L.LightningDataModule):
     ``tokenizer`` is a factory ``(captions, context_length) -> tokenizer`` (a Hydra partial of
     :func:`clipkit.tokenization.train_or_load_bpe`), trained on the first ``corpus_size`` captions.
     ``batch_size`` is per process. ``eval_folders``: labelled image folders (``root/<class>/*.jpg``) to
-    score zero-shot. ``probe``: records decoded at start-up so an empty or all-bad source fails at once.
+    score zero-shot; ``val_fraction`` of each folder's images per class are held out of that (reported) set as
+    its validation set, the one the best checkpoint is chosen on. ``probe``: records decoded at start-up so an empty or all-bad source fails at once.
     """
 
     def __init__(self, tokenizer: Callable, seed: int = 0, image_size: int = 48, batch_size: int = 128,
                  num_workers: int = 1, context_length: int = 32, corpus_size: int = 20000,
                  shuffle: bool = True, shuffle_buffer: int = 1000, resampled: bool = False,
                  samples_per_epoch: int | None = None, max_image_pixels: int = 50_000_000,
-                 eval_folders: list[str] | None = None, eval_per_class: int | None = None,
+                 eval_folders: list[str] | None = None, eval_per_class: int | None = None, val_fraction: float = 0.0,
                  retrieval_size: int = 500, templates: list[str] | None = None, probe: int = 64,
                  mean: tuple[float, ...] = CLIP_MEAN, std: tuple[float, ...] = CLIP_STD) -> None:
         super().__init__()
@@ -59,6 +60,9 @@ class CaptionDataModule(L.LightningDataModule):
         self.shuffle, self.shuffle_buffer, self.resampled = shuffle, shuffle_buffer, resampled
         self.samples_per_epoch, self.max_image_pixels = samples_per_epoch, max_image_pixels
         self.eval_folders, self.eval_per_class = list(eval_folders or []), eval_per_class
+        if not 0.0 <= val_fraction < 1.0:
+            raise DataError(f"data.val_fraction={val_fraction}: use a fraction in [0, 1) of each eval folder")
+        self.val_fraction = val_fraction
         self.retrieval_size = retrieval_size
         self.templates = tuple(templates or DEFAULT_TEMPLATES)
         self.normalize = normalize(mean, std)
@@ -77,6 +81,10 @@ class CaptionDataModule(L.LightningDataModule):
         return None
 
     def own_zeroshot_sets(self) -> list[ZeroShotSet]:
+        return []
+
+    def own_validation_sets(self) -> list[ZeroShotSet]:
+        """Validation sets drawn apart from training and from every reported set."""
         return []
 
     # -- shared ---------------------------------------------------------------------------------------
@@ -160,14 +168,28 @@ class CaptionDataModule(L.LightningDataModule):
         return image_transform(self.image_size, train=False)
 
     @cached_property
+    def _folder_sets(self) -> list[tuple[ZeroShotSet, ZeroShotSet | None]]:
+        """(test, validation) part of each eval folder."""
+        return [split_off(image_folder_set(root, self.tokenizer, self.context_length, self.eval_transform(),
+                                           self.normalize, self.templates, self.eval_per_class, self.max_image_pixels),
+                          self.val_fraction, self.seed)
+                for root in self.eval_folders]
+
+    @cached_property
     def _zeroshot_sets(self) -> list[ZeroShotSet]:
-        folders = [image_folder_set(root, self.tokenizer, self.context_length, self.eval_transform(), self.normalize,
-                                    self.templates, self.eval_per_class, self.max_image_pixels)
-                   for root in self.eval_folders]
-        return self.own_zeroshot_sets() + folders
+        return self.own_zeroshot_sets() + [test for test, _ in self._folder_sets]
 
     def zeroshot_sets(self) -> list[ZeroShotSet]:
+        """The reported (test) zero-shot sets."""
         return self._zeroshot_sets
+
+    @cached_property
+    def _validation_sets(self) -> list[ZeroShotSet]:
+        return self.own_validation_sets() + [val for _, val in self._folder_sets if val is not None]
+
+    def validation_sets(self) -> list[ZeroShotSet]:
+        """Zero-shot sets for model selection (``val/zeroshot/...``), disjoint from :meth:`zeroshot_sets`."""
+        return self._validation_sets
 
     @cached_property
     def _retrieval_sets(self) -> list[RetrievalSet]:

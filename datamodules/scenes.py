@@ -49,7 +49,7 @@ SHAPE_SYNONYMS = {
 SIZES = {"small": 0.3, "large": 0.5}  # object diameter as a fraction of the image side
 SIZE_SYNONYMS = {"small": ["small", "little", "tiny"], "large": ["large", "big", "huge"]}
 SPLITS = {"train": 0, "zeroshot": 1, "novel_pairs": 2, "retrieval": 3, "corpus": 4, "probe": 5,
-          "retrieval_caption": 6, "shift": 7}
+          "retrieval_caption": 6, "shift": 7, "val": 8}
 
 PREFIXES = ["", "", "", "a photo of ", "image of ", "picture: ", "an illustration of ", "clipart of ",
             "stock image - ", "drawing of ", "photo: "]

@@ -1,6 +1,9 @@
 """The embedded default dataset: an endless, seeded stream of captioned scenes plus held-out sets.
 
-Held out from training:
+Held out from training, as validation (model selection, ``val/zeroshot/...``):
+* ``scenes``: single objects of every trained pair like the test set below, drawn from a split of their own;
+
+and as test sets (reported):
 * ``scenes``: single-object images of every trained (colour, shape) pair, classified among those pairs;
 * ``novel_pairs``: single objects whose (colour, shape) pair never appears in training, classified among
   *all* pairs, so the model must compose a colour and a shape it only saw apart (reported separately);
@@ -109,6 +112,11 @@ class SyntheticScenesDataModule(CaptionDataModule):
 
     def own_zeroshot_sets(self) -> list[ZeroShotSet]:
         return [self._classification(*split) for split in self.zeroshot_splits()]
+
+    def own_validation_sets(self) -> list[ZeroShotSet]:
+        """``scenes`` drawn from the ``val`` split: the same task as the test set, none of its samples (every sample
+        is a pure function of (seed, split, index), and the split enters the generator's seed)."""
+        return [self._classification("scenes", "val", self.train_pairs, self.train_pairs)]
 
     def retrieval_pairs(self) -> Iterator[tuple[Image.Image, list[str]]]:
         """Held-out scenes with ``retrieval_captions`` captions each: the first as in training, the others

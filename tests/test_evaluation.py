@@ -67,6 +67,40 @@ def test_retrieval_recall_at_1_5_10_on_a_matrix_with_known_ranks():
     assert report["image_to_text_r10"] == pytest.approx(10 / 12)
 
 
+def test_text_to_image_recall_ranks_the_images_for_each_caption():
+    """2 images x 3 captions (captions 0, 1 describe image 0; caption 2 image 1). Image to text: each image's best
+    caption is its own (R@1 = 1). Text to image, down the columns: caption 0 prefers image 1, caption 1 image 0,
+    caption 2 image 0, so only caption 1 hits at 1 (R@1 = 1/3), and every caption within 2 images."""
+    from clipkit.evaluation import retrieval_report
+
+    scores = torch.tensor([[0.2, 0.9, 0.5], [0.3, 0.1, 0.4]])
+    positives = torch.tensor([[True, True, False], [False, False, True]])
+    report = retrieval_report(scores, positives, ks=(1, 2))
+    assert report == {"image_to_text_r1": 1.0, "image_to_text_r2": 1.0,
+                      "text_to_image_r1": pytest.approx(1 / 3), "text_to_image_r2": 1.0}
+
+
+def test_the_callback_logs_retrieval_both_ways_as_clipkit_eval_reports_it(tiny_cfg):
+    """The training-time numbers and the eval command's come from one computation on the same scores."""
+    import threading
+
+    from hydra.utils import instantiate
+
+    from callbacks.zeroshot import ZeroShotEvaluation
+    from clipkit.evaluation import retrieval_report
+    from clipkit.evaluation.suite import scores
+    from tests.test_zeroshot_scale import fake_rank
+
+    cfg = tiny_cfg()
+    torch.manual_seed(0)
+    datamodule, objective = instantiate(cfg.data), instantiate(cfg.objective).eval()
+    metrics = ZeroShotEvaluation().evaluate(*fake_rank(0, 1, datamodule, objective, [None], threading.Barrier(1)))
+    (rs,) = datamodule.retrieval_sets()
+    expected = retrieval_report(scores(objective, rs.images, rs.prompts, "cpu"), rs.positives, ks=(1, 5))
+    assert {k: metrics[f"retrieval/scenes/{k}"] for k in expected} == pytest.approx(expected)
+    assert expected["text_to_image_r5"] != expected["image_to_text_r5"], expected  # the directions differ here
+
+
 def test_any_caption_rule_counts_a_hit_where_one_to_one_misses():
     """CLIP_benchmark: an image hits when any of its captions is in the top k; one-to-one only counts caption i."""
     from clipkit.evaluation import recall_at_k

@@ -75,14 +75,33 @@ def test_loss_decreases_and_zero_shot_then_picks_each_images_own_caption(arm, to
 
 
 def test_zero_shot_ensembles_templates_and_keeps_the_class_axis(tokenizer):
+    """Row c of the prompts is class c whatever the objective: permuting the classes permutes the score columns
+    alike. Templates are ensembled as each objective says: the contrastive family averages normalised prompt
+    embeddings and renormalises (open_clip's classifier); bag-of-words and caption prediction average the scores
+    of the single templates (the prediction scores are linear in the bag, the caption ones are averaged)."""
     images = torch.randn(3, 3, 16, 16)
     templates = ["a {}.", "a photo of a {}.", "{}"]
     texts = [t.format(c) for c in CLASSES for t in templates]
     prompts = {k: v.reshape(len(CLASSES), len(templates), LENGTH) for k, v in tokenize(tokenizer, texts, LENGTH).items()}
+    order = torch.tensor([2, 0, 3, 1])
     for arm in ARMS:
         objective = make(arm, len(tokenizer)).eval()
         with torch.no_grad():
-            assert objective.zero_shot_logits(images, prompts).shape == (3, len(CLASSES)), arm
+            logits = objective.zero_shot_logits(images, objective.zero_shot_classifier(prompts))
+            permuted = objective.zero_shot_logits(images, {k: v[order] for k, v in prompts.items()})
+            singles = torch.stack([objective.zero_shot_logits(images, {k: v[:, t:t + 1] for k, v in prompts.items()})
+                                   for t in range(len(templates))])  # [T, B, C]
+            if arm in ("contrastive", "bow_contrastive"):
+                each = torch.nn.functional.normalize(objective.encode_text(
+                    prompts["input_ids"].flatten(0, 1), prompts["attention_mask"].flatten(0, 1)), dim=-1)
+                classes = torch.nn.functional.normalize(each.reshape(len(CLASSES), len(templates), -1).mean(1), dim=-1)
+                expected = objective.logit_scale.exp() * objective.encode_image(images) @ classes.T
+            else:
+                expected = singles.mean(0)
+        assert logits.shape == (3, len(CLASSES)), arm
+        torch.testing.assert_close(permuted, logits[:, order], msg=arm)
+        torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5, msg=arm)
+        assert not torch.allclose(singles[0], singles[1]), arm  # the templates really differ
 
 
 def test_bag_of_words_target_of_a_known_caption(tokenizer):

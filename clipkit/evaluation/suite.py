@@ -22,11 +22,29 @@ def _as_input(objective, images: torch.Tensor, device) -> torch.Tensor:
 
 
 @torch.no_grad()
-def scores(objective, images: torch.Tensor, prompts: dict, device, batch_size: int = 256) -> torch.Tensor:
-    """``[N, C]`` zero-shot scores in image chunks."""
-    prompts = on_device(prompts, device)
-    return torch.cat([objective.zero_shot_logits(_as_input(objective, chunk, device), prompts).float().cpu()
+def scores(objective, images: torch.Tensor, prompts: dict, device, batch_size: int = 256,
+           text_batch_size: int | None = 1024) -> torch.Tensor:
+    """``[N, C]`` zero-shot scores: the set's classifier is built once (prompts ``text_batch_size`` at a time),
+    then images are scored ``batch_size`` at a time against it."""
+    classifier = objective.zero_shot_classifier(on_device(prompts, device), text_batch_size)
+    return torch.cat([objective.zero_shot_logits(_as_input(objective, chunk, device), classifier).float().cpu()
                       for chunk in images.split(batch_size)])
+
+
+def rank_rows(n: int, rank: int, world: int) -> slice:
+    """Rank ``rank``'s contiguous share of ``n`` rows; shares differ by at most one row."""
+    return slice(n * rank // world, n * (rank + 1) // world)
+
+
+def gather_rows(local: torch.Tensor, n: int, world: int, all_gather) -> torch.Tensor:
+    """Every rank's :func:`rank_rows` share ``[m_r, C]`` back into ``[n, C]``, in rank order. ``all_gather``
+    (Lightning's ``LightningModule.all_gather``) maps ``[m, C]`` to ``[world, m, C]`` and needs the same shape on
+    every rank, so shares are padded to the largest and trimmed after."""
+    most = -(-n // world)
+    padded = torch.cat([local, local.new_zeros(most - len(local), *local.shape[1:])])
+    gathered = all_gather(padded)
+    sizes = [len(range(n)[rank_rows(n, r, world)]) for r in range(world)]
+    return torch.cat([gathered[r][:size] for r, size in enumerate(sizes)])
 
 
 @torch.no_grad()
@@ -39,7 +57,8 @@ def image_features(objective, images: torch.Tensor, device, batch_size: int = 25
 
 def evaluate(objective, datamodule, tasks: list[str], device="cpu", batch_size: int = 256,
              ks: tuple[int, ...] = (1, 2, 4, 8, 16), seeds: tuple[int, ...] = (0, 1, 2),
-             c_grid: tuple[float, ...] = C_GRID, val_fraction: float = 0.2, progress: bool = True) -> dict:
+             c_grid: tuple[float, ...] = C_GRID, val_fraction: float = 0.2, progress: bool = True,
+             text_batch_size: int | None = 1024) -> dict:
     """``{task: {set: report}}`` for the requested tasks; a task with no set on this data says so."""
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
@@ -55,10 +74,10 @@ def evaluate(objective, datamodule, tasks: list[str], device="cpu", batch_size: 
     report: dict = {t: {} for t in tasks}
     for kind, item in tqdm(jobs, desc="evaluating", disable=not progress, unit="set"):
         if kind == "zeroshot":
-            logits = scores(objective, item.images, item.prompts, device, batch_size)
+            logits = scores(objective, item.images, item.prompts, device, batch_size, text_batch_size)
             report["zeroshot"][item.name] = classification_report(logits, item.labels, item.classnames)
         elif kind == "retrieval":
-            s = scores(objective, item.images, item.prompts, device, batch_size)
+            s = scores(objective, item.images, item.prompts, device, batch_size, text_batch_size)
             report["retrieval"][item.name] = {**retrieval_report(s, item.positives),
                                               "images": s.shape[0], "captions": s.shape[1]}
         else:

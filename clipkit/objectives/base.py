@@ -64,9 +64,17 @@ class Objective(nn.Module, ABC):
              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Scalar loss and a dict of diagnostics to log. ``gather`` collects features across processes."""
 
+    def zero_shot_classifier(self, prompts: dict[str, torch.Tensor], text_batch_size: int | None = None):
+        """What :meth:`zero_shot_logits` scores images against, built once per evaluation set (not per chunk of
+        images). Opaque to the callers: the contrastive family returns the ``[C, D]`` class embeddings, encoding
+        the ``C x T`` prompts ``text_batch_size`` at a time; an objective that scores each (image, prompt) pair
+        (caption likelihood) or class names (the supervised classifier) keeps the prompts, the default."""
+        return prompts
+
     @abstractmethod
-    def zero_shot_logits(self, images: torch.Tensor, prompts: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``[B, C]`` scores: higher means the image matches class c's prompts better."""
+    def zero_shot_logits(self, images: torch.Tensor, classifier) -> torch.Tensor:
+        """``[B, C]`` scores: higher means the image matches class c's prompts better. ``classifier`` is what
+        :meth:`zero_shot_classifier` built (a prompts dict is accepted too and turned into one first)."""
 
     @property
     @abstractmethod

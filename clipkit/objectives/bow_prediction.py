@@ -49,8 +49,14 @@ class BagOfWordsPrediction(Objective):
         loss = nll[has_words].mean() if has_words.any() else nll.sum() * 0.0
         return loss, {}
 
-    def zero_shot_logits(self, images, prompts):
+    def zero_shot_classifier(self, prompts, text_batch_size: int | None = None) -> torch.Tensor:
+        """``[C, V]``: each class's bags of words averaged over its templates, built once per set."""
         c, t, length = prompts["input_ids"].shape
         bags = bag_of_words(prompts["input_ids"].reshape(c * t, length),
                             prompts["attention_mask"].reshape(c * t, length), self.vocab_size)
-        return self.log_probs(images) @ bags.reshape(c, t, -1).mean(1).T
+        return bags.reshape(c, t, -1).mean(1)
+
+    def zero_shot_logits(self, images, classifier):
+        if isinstance(classifier, dict):  # prompts: a one-off call
+            classifier = self.zero_shot_classifier(classifier)
+        return self.log_probs(images) @ classifier.to(images.device).T

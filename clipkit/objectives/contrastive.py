@@ -146,15 +146,26 @@ class Contrastive(Objective):
             backward(surrogate)
         return loss.detach(), logs
 
-    def class_embeddings(self, prompts: dict[str, torch.Tensor]) -> torch.Tensor:
-        """``[C, T, L]`` prompts -> ``[C, D]``: mean of normalised prompt embeddings, renormalised (ensembling)."""
+    def class_embeddings(self, prompts: dict[str, torch.Tensor], text_batch_size: int | None = None) -> torch.Tensor:
+        """``[C, T, L]`` prompts -> ``[C, D]``: mean of normalised prompt embeddings, renormalised (ensembling, as
+        open_clip's ``zero_shot_classifier``). The ``C x T`` prompts go through the text tower once, in chunks of
+        ``text_batch_size`` (all at once if None): 1,000 classes x 80 templates is 80k prompts. Padding columns that
+        no prompt reaches are dropped first (prompts are short; right padding is masked, so nothing changes)."""
         c, t, length = prompts["input_ids"].shape
-        flat = self.encode_text(prompts["input_ids"].reshape(c * t, length),
-                                prompts["attention_mask"].reshape(c * t, length))
+        keep = int(prompts["attention_mask"].sum(-1).max())
+        ids = prompts["input_ids"].reshape(c * t, length)[:, :keep]
+        mask = prompts["attention_mask"].reshape(c * t, length)[:, :keep]
+        step = text_batch_size or c * t
+        flat = torch.cat([self.encode_text(ids[i:i + step], mask[i:i + step]) for i in range(0, c * t, step)])
         return F.normalize(flat.reshape(c, t, -1).mean(1), dim=-1)
 
-    def zero_shot_logits(self, images, prompts):
-        return self.logit_scale.exp() * self.encode_image(images) @ self.class_embeddings(prompts).T
+    def zero_shot_classifier(self, prompts, text_batch_size: int | None = None) -> torch.Tensor:
+        return self.class_embeddings(prompts, text_batch_size)
+
+    def zero_shot_logits(self, images, classifier):
+        if isinstance(classifier, dict):  # prompts: a one-off call
+            classifier = self.zero_shot_classifier(classifier)
+        return self.logit_scale.exp() * self.encode_image(images) @ classifier.to(images.device).T
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
