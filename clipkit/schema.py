@@ -64,6 +64,7 @@ class DataSchema:
     eval_per_class: Optional[int] = MISSING
     max_image_pixels: int = MISSING
     probe: int = MISSING
+    val_fraction: float = MISSING
     mean: List[float] = MISSING
     std: List[float] = MISSING
 
@@ -272,6 +273,7 @@ RULES: list[tuple[str, Rule]] = [
     ("data.retrieval_captions", SIZE),
     ("data.supersample", SIZE),
     ("data.zeroshot_fraction", within(0, 1, "()")),
+    ("data.val_fraction", within(0, 1, "[)")),     # of each eval folder, per class; 0: no validation from folders
     ("data.shuffle_buffer", COUNT),
     ("data.samples_per_epoch", or_null(SIZE)),
     ("data.rows_per_shard", SIZE),
@@ -319,8 +321,11 @@ RULES: list[tuple[str, Rule]] = [
     ("callbacks.*.min_samples", COUNT),
     ("callbacks.*.log_every_n_steps", SIZE),
     ("callbacks.*.window", SIZE),
+    ("callbacks.zeroshot.batch_size", SIZE),
+    ("callbacks.zeroshot.text_batch_size", or_null(SIZE)),  # null: every prompt of a set in one pass
     # the other commands' own keys
     ("batch_size", SIZE),
+    ("text_batch_size", or_null(SIZE)),
     ("top_k", SIZE),
     ("linear_probe.val_fraction", within(0, 1, "()")),
     ("fewshot.ks", each(SIZE)),

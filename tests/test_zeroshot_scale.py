@@ -114,7 +114,8 @@ def fake_rank(rank: int, world: int, datamodule, objective, slots: list, barrier
     trainer = SimpleNamespace(world_size=world, global_rank=rank, global_step=1, datamodule=datamodule, loggers=[],
                               callback_metrics={}, is_global_zero=rank == 0,
                               precision_plugin=SimpleNamespace(forward_context=torch.no_grad))
-    module = SimpleNamespace(objective=objective, device=torch.device("cpu"), images_seen=0, all_gather=all_gather)
+    module = SimpleNamespace(objective=objective, device=torch.device("cpu"), images_seen=0, all_gather=all_gather,
+                             named_modules=objective.named_modules)  # full_params looks for FSDP units (none here)
     return trainer, module
 
 
