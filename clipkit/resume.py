@@ -209,7 +209,9 @@ def check_config(stored: DictConfig, cfg: DictConfig, path: Path) -> None:
 
 def check_tokenizer(stored_json: str, tokenizer, path: Path) -> None:
     """The tokenizer rebuilt from the data must be the checkpoint's, or token ids would change meaning."""
-    if tokenizer.backend_tokenizer.to_str() == stored_json:
+    from clipkit.tokenization import tokenizer_json
+
+    if tokenizer_json(tokenizer) == tokenizer_json(stored_json):  # also for checkpoints that stored call-time state
         return
     from tokenizers import Tokenizer
 

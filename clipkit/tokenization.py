@@ -118,6 +118,16 @@ def openai_clip_tokenizer(context_length: int = 77) -> PreTrainedTokenizerFast:
     return fixed_context(tokenizer, context_length)
 
 
+def tokenizer_json(tokenizer: PreTrainedTokenizerFast | str) -> str:
+    """The tokenizer itself as JSON (vocabulary, merges, normaliser, special tokens) from a tokenizer or its JSON,
+    without ``truncation``/``padding``: a call with ``padding=``/``truncation=`` leaves those set on the backend, so
+    they are the last call's state, not part of what the token ids mean. Checkpoints store this; resume compares it."""
+    text = tokenizer if isinstance(tokenizer, str) else tokenizer.backend_tokenizer.to_str()
+    data = json.loads(text)
+    data["truncation"] = data["padding"] = None
+    return json.dumps(data, ensure_ascii=False)
+
+
 def special_tokens(tokenizer: PreTrainedTokenizerFast) -> dict[str, str]:
     """What a checkpoint stores beside the tokenizer JSON to rebuild it (``StoredTokenizer``)."""
     return dict(tokenizer.special_tokens_map)

@@ -21,7 +21,7 @@ from transformers import PreTrainedModel
 from clipkit.errors import ResumeError
 from clipkit.resume import check_config, check_tokenizer, locate, static_root
 from clipkit.sweep import job_run, nest
-from clipkit.tokenization import special_tokens
+from clipkit.tokenization import special_tokens, tokenizer_json
 from clipkit.tracking import MLFlowLogger, RunRecord, mark_dead_runs, process_tags, run_tags
 
 log = logging.getLogger(__name__)
@@ -139,6 +139,18 @@ def mark_dead_runs_of(cfg: DictConfig) -> None:
         mark_dead_runs(client, [experiment.experiment_id])
 
 
+def selectable(callbacks: list, datamodule) -> list:
+    """``callbacks`` less any checkpoint that selects on a validation metric (``val/...``) when the data have no
+    validation set: it would never save, and the reported (test) sets must never stand in for one."""
+    if datamodule.validation_sets():
+        return callbacks
+    kept = [c for c in callbacks if not str(getattr(c, "monitor", None) or "").startswith("val/")]
+    if len(kept) < len(callbacks):
+        log.info("no validation set (data.val_fraction=0 and none of the data's own): no best.ckpt is kept, "
+                 "since only the reported sets could choose it")
+    return kept
+
+
 def fit(cfg: DictConfig, preset: str | None = None) -> FitResult:
     """Instantiate data, model, callbacks, loggers and trainer from ``cfg`` (in that order) and train;
     with ``cfg.resume``, continue an interrupted run where its checkpoint left it."""
@@ -157,7 +169,7 @@ def fit(cfg: DictConfig, preset: str | None = None) -> FitResult:
     log.info("objective: %s", cfg.objective._target_)
     module = instantiate(cfg.module)
     check_vocabulary(tokenizer, module)
-    callbacks = [instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None]
+    callbacks = selectable([instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None], datamodule)
     # Only the first process records. Under torchrun or SLURM every rank runs this function at once, and merely
     # creating an MLflow client opens (and, for sqlite, creates) the store: ranks would race on it.
     records = cfg.get("logger") is not None and rank_zero_only.rank == 0
@@ -168,7 +180,7 @@ def fit(cfg: DictConfig, preset: str | None = None) -> FitResult:
     name = cfg.logger.get("run_name") or job.name if records else None
     loggers = [instantiate(cfg.logger, tags=tags, run_id=run_id, run_name=name)] if records else []
     trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
-    module.run_info = {"config": record.config_yaml, "tokenizer": tokenizer.backend_tokenizer.to_str(),
+    module.run_info = {"config": record.config_yaml, "tokenizer": tokenizer_json(tokenizer),
                        "tokenizer_specials": json.dumps(special_tokens(tokenizer))}
     for logger in trainer.loggers:  # fast_dev_run swaps loggers for a dummy
         if isinstance(logger, MLFlowLogger):

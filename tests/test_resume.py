@@ -178,6 +178,25 @@ def test_folders_read_from_this_machine_may_differ_but_a_literal_beside_them_may
     assert config_differences(OmegaConf.create(then), now) == ["trainer.precision: bf16-mixed -> 32-true"]
 
 
+def test_the_tokenizer_check_ignores_the_padding_a_call_leaves_on_it(tmp_path):
+    """Tokenizing prompts with padding= and truncation= sets them on the backend: a checkpoint written after such
+    a call must still resume with the same tokenizer built afresh, and a different tokenizer must still be refused."""
+    from clipkit.resume import check_tokenizer
+    from clipkit.tokenization import tokenize, tokenizer_json
+
+    def bpe(captions, folder):
+        return train_or_load_bpe(captions=iter(captions * 50), context_length=32, vocab_size=64,
+                                 cache_dir=str(tmp_path / folder))
+
+    used = bpe(["a red circle", "a blue square"], "a")
+    tokenize(used, ["a red circle"], 32)
+    stored = tokenizer_json(used)
+    check_tokenizer(stored, bpe(["a red circle", "a blue square"], "b"), tmp_path / "x.ckpt")  # no error
+    check_tokenizer(used.backend_tokenizer.to_str(), bpe(["a red circle", "a blue square"], "c"), tmp_path / "x.ckpt")
+    with pytest.raises(ResumeError, match="the tokenizer built from the training captions"):
+        check_tokenizer(stored, bpe(["a green star", "a pink ring"], "d"), tmp_path / "x.ckpt")
+
+
 def test_a_tokenizer_that_is_not_the_checkpoints_is_refused_in_one_line(tiny_cfg, tmp_path):
     """The data under the same path changed since the checkpoint: its token ids would mean other words."""
     run = [*TINY, "data.supersample=1", f"paths.output_dir={tmp_path}/out",

@@ -197,7 +197,7 @@ def import_checkpoint(path: str | Path, out: str | Path, act: str = "quick_gelu"
     """Convert an OpenAI/open_clip checkpoint into a self-describing clipkit ``.safetensors`` (config, tokenizer
     and weights: ``clipkit eval``, ``predict``, ``export`` and ``clipkit.load`` read it). The head widths are for
     ViTs: a ResNet's attention pool has 64-wide heads, in OpenAI's models and timm's ``resnet50_clip`` alike."""
-    from clipkit.tokenization import openai_clip_tokenizer, pretrained_tokenizer, special_tokens
+    from clipkit.tokenization import openai_clip_tokenizer, pretrained_tokenizer, special_tokens, tokenizer_json
     from clipkit.weights import export_weights
 
     state = read_state_dict(path)
@@ -207,6 +207,6 @@ def import_checkpoint(path: str | Path, out: str | Path, act: str = "quick_gelu"
     cfg = clipkit_config(state, act, tokenizer, str(Path(path).resolve()), str(Path(out).resolve().parent),
                          (image_head_width, text_head_width))
     weights = import_state(state, cfg)
-    info = {"config": OmegaConf.to_yaml(cfg, resolve=True), "tokenizer": tokenizer.backend_tokenizer.to_str(),
+    info = {"config": OmegaConf.to_yaml(cfg, resolve=True), "tokenizer": tokenizer_json(tokenizer),
             "tokenizer_specials": json.dumps(special_tokens(tokenizer))}
     return export_weights(weights, info, out)
