@@ -8,6 +8,9 @@ nothing in the library imports a command back. Commands import the library insid
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from clipkit.errors import UsageError
@@ -41,3 +44,46 @@ def config_help(config_name: str, usage: str, about: str, example: str) -> str:
     return (f"usage: {usage}\n\n{about}\n\n"
             f"options (key=value overrides; ??? marks a required one; from clipkit/conf/{config_name}.yaml):\n"
             f"{options}\n\nexample:\n  {example}\n")
+
+
+@dataclass(frozen=True)
+class KeyValueCommand:
+    """A command configured by ``key=value`` overrides of ``conf/<name>.yaml``: its help, and its config composed
+    with the keys it cannot run without checked."""
+
+    name: str
+    usage: str
+    about: str
+    example: str
+    required: tuple[str, ...] = ()
+
+    def help_text(self) -> str:
+        return config_help(self.name, self.usage, self.about, self.example)
+
+    def arguments(self, args: list[str]) -> list[str] | None:
+        """``args``, each checked to be an override; None once the help is printed (``-h``/``--help``)."""
+        if asks_for_help(args):
+            print(self.help_text())
+            return None
+        return overrides_only(self.name, args)
+
+    def compose(self, args: list[str]):
+        """The command's config (a ``DictConfig``) from ``args``; None once the help is printed."""
+        args = self.arguments(args)
+        if args is None:
+            return None
+        from clipkit.config import compose_config, require
+
+        cfg = compose_config(args, config_name=self.name)
+        require(cfg, self.required, self.usage)
+        return cfg
+
+
+@contextmanager
+def one_line(*kinds: type[Exception]) -> Iterator[None]:
+    """Errors of ``kinds`` (by default a missing file or a bad value) become the command's one-line usage error."""
+    kinds = kinds or (FileNotFoundError, ValueError)
+    try:
+        yield
+    except kinds as err:
+        raise UsageError(str(err)) from None

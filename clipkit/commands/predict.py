@@ -5,18 +5,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from clipkit.commands import asks_for_help, config_help, overrides_only
-from clipkit.errors import UsageError
+from clipkit.commands import KeyValueCommand, one_line
 
-USAGE = "python -m clipkit predict ckpt=PATH images=[a.png,b.jpg] labels=[cat,dog]"
-
-
-def help_text() -> str:
-    return config_help(
-        "predict", f"{USAGE} [key=value ...]",
-        "Rank labels for images with a model trained by clipkit fit or imported by clipkit import: the probability\n"
-        "of each label per image, from prompts built with the kit's zero-shot templates.",
-        "python -m clipkit predict ckpt=outputs/.../model.safetensors images=[a.png,photos/] labels=[cat,dog]")
+COMMAND = KeyValueCommand(
+    "predict", "python -m clipkit predict ckpt=PATH images=[a.png,b.jpg] labels=[cat,dog] [key=value ...]",
+    "Rank labels for images with a model trained by clipkit fit or imported by clipkit import: the probability\n"
+    "of each label per image, from prompts built with the kit's zero-shot templates.",
+    "python -m clipkit predict ckpt=outputs/.../model.safetensors images=[a.png,photos/] labels=[cat,dog]",
+    required=("ckpt", "images", "labels"))
 
 
 def _as_list(value) -> list[str]:
@@ -24,24 +20,18 @@ def _as_list(value) -> list[str]:
 
 
 def main(args: list[str]) -> int:
-    if asks_for_help(args):
-        print(help_text())
+    cfg = COMMAND.compose(args)
+    if cfg is None:
         return 0
-    args = overrides_only("predict", args)
     from clipkit.api import load, resolve_device
-    from clipkit.config import compose_config, require
     from clipkit.predict import image_paths
 
-    cfg = compose_config(args, config_name="predict")
-    require(cfg, ("ckpt", "images", "labels"), USAGE)
-    try:
+    with one_line():
         paths = image_paths(_as_list(cfg.images))
         labels = _as_list(cfg.labels)
         model = load(cfg.ckpt, resolve_device(cfg.device), cfg.batch_size)
         templates = _as_list(cfg.templates) if cfg.templates is not None else None
         probs = model.classify(paths, labels, templates)
-    except (FileNotFoundError, ValueError) as err:
-        raise UsageError(str(err)) from None
     top = min(cfg.top_k, len(labels))
     source = model.config.get("imported_from")
     trained = f"imported from {source}" if source else f"{model.images_seen:,} images seen"
