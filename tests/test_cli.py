@@ -133,3 +133,15 @@ def test_every_preset_runs_a_fast_dev_run_in_one_multirun(isolated):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("clipkit fit finished") == len(PRESETS) >= 1
     assert len(list((isolated / "multirun").glob("*/*/*/.hydra/config.yaml"))) == len(PRESETS)
+
+
+def test_the_fit_summary_names_validation_and_test_metrics_apart(capsys):
+    from clipkit.commands.fit import print_summary
+    from clipkit.train import FitResult
+
+    metrics = {"val/zeroshot/mean_top1": 0.5, "zeroshot/mean_top1": 0.25, "train/loss": 2.0}
+    print_summary(FitResult(metrics, images_seen=64, seconds=6.0, train_images_per_second=16.0, train_seconds=4.0))
+    out = capsys.readouterr().out
+    validation, test = out.index("validation (chooses best.ckpt)"), out.index("test (reported; chooses nothing)")
+    assert validation < out.index("val/zeroshot/mean_top1") < test < out.rindex("zeroshot/mean_top1")
+    assert "50.00 %" in out and "25.00 %" in out and "train/loss" not in out

@@ -100,9 +100,12 @@ def print_summary(result) -> None:
     lines = ["", "clipkit fit finished"]
     lines.append(f"  images seen           {result.images_seen:,} in {result.seconds / 60:.1f} min "
                  f"({result.train_images_per_second:.0f} training images/s)")
-    for key in sorted(result.metrics):
-        if key.startswith(("zeroshot/", "retrieval/")):
-            lines.append(f"  {key:<40} {100 * result.metrics[key]:6.2f} %")
+    for title, prefixes in (("validation (chooses best.ckpt)", ("val/",)),
+                            ("test (reported; chooses nothing)", ("zeroshot/", "retrieval/"))):
+        keys = [k for k in sorted(result.metrics) if k.startswith(prefixes)]
+        if keys:
+            lines.append(f"  {title}")
+        lines += [f"    {key:<38} {100 * result.metrics[key]:6.2f} %" for key in keys]
     if result.run_id:
         lines.append(f"  MLflow run {result.run_id} (experiment id {result.experiment_id}) "
                      f"in {result.tracking_uri}")
