@@ -43,7 +43,8 @@ class CaptionDataModule(L.LightningDataModule):
     :func:`clipkit.tokenization.train_or_load_bpe`), trained on the first ``corpus_size`` captions.
     ``batch_size`` is per process. ``eval_folders``: labelled image folders (``root/<class>/*.jpg``) to
     score zero-shot; ``val_fraction`` of each folder's images per class are held out of that (reported) set as
-    its validation set, the one the best checkpoint is chosen on. ``probe``: records decoded at start-up so an empty or all-bad source fails at once.
+    its validation set, the one the best checkpoint is chosen on (a datamodule with held-out data of its own may
+    split that too: digits). ``probe``: records decoded at start-up so an empty or all-bad source fails at once.
     """
 
     def __init__(self, tokenizer: Callable, seed: int = 0, image_size: int = 48, batch_size: int = 128,

@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
-from functools import partial
+from functools import cached_property, partial
 
 import numpy as np
 import torch
 from PIL import Image
 
-from clipkit.zeroshot import ProbeSet, ZeroShotSet, class_prompts
+from clipkit.zeroshot import ProbeSet, ZeroShotSet, class_prompts, split_off
 from datamodules.base import CaptionDataModule
 from datamodules.stream import Record
 
@@ -67,7 +67,8 @@ class DigitsSource:
 
 class DigitsDataModule(CaptionDataModule):
     """Captioned handwritten digits: ``1 - zeroshot_fraction`` of them for training (one epoch is one pass
-    over those, reshuffled), the rest as the ``digits`` zero-shot set over the ten digit words."""
+    over those, reshuffled), the rest held out over the ten digit words: ``val_fraction`` of those scans (per class)
+    as the validation set that model selection uses, the others as the reported ``digits`` zero-shot set."""
 
     def __init__(self, tokenizer, seed: int = 0, zeroshot_fraction: float = 0.2, **common) -> None:
         self.images, self.labels = load_digits_images()
@@ -91,7 +92,16 @@ class DigitsDataModule(CaptionDataModule):
         transform = self.eval_transform()
         return self.normalize(torch.stack([transform(_rgb(self.images[i])) for i in indices]))
 
-    def own_zeroshot_sets(self) -> list[ZeroShotSet]:
+    @cached_property
+    def _held_out_sets(self) -> tuple[ZeroShotSet, ZeroShotSet | None]:
+        """(test, validation): the held-out scans split per class by ``val_fraction``, disjoint."""
         held = np.flatnonzero(self.held_out)
         prompts = class_prompts(self.tokenizer, WORDS, self.templates, self.context_length)
-        return [ZeroShotSet("digits", self._tensors(held), torch.as_tensor(self.labels[held]), WORDS, prompts)]
+        whole = ZeroShotSet("digits", self._tensors(held), torch.as_tensor(self.labels[held]), WORDS, prompts)
+        return split_off(whole, self.val_fraction, self.seed)
+
+    def own_zeroshot_sets(self) -> list[ZeroShotSet]:
+        return [self._held_out_sets[0]]
+
+    def own_validation_sets(self) -> list[ZeroShotSet]:
+        return [val for val in self._held_out_sets[1:] if val is not None]

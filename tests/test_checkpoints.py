@@ -1,5 +1,6 @@
-"""Checkpoints: written atomically, the last few kept every N steps, and the best by zero-shot accuracy."""
+"""Checkpoints: written atomically, the last few kept every N steps, and the best by validation zero-shot accuracy."""
 
+import logging
 from pathlib import Path
 
 import mlflow
@@ -29,17 +30,31 @@ def test_a_crash_mid_write_leaves_the_previous_checkpoint_intact(tmp_path, monke
     assert torch.load(path, weights_only=True)["step"] == 1
 
 
-def test_the_last_k_periodic_checkpoints_and_the_best_by_zero_shot_are_kept(tiny_cfg, isolated):
+def test_the_last_k_periodic_checkpoints_and_the_best_by_validation_zero_shot_are_kept(tiny_cfg, isolated):
     result = fit(tiny_cfg("trainer.max_steps=8", "callbacks.checkpoint.every_n_train_steps=2",
                           "callbacks.checkpoint.save_top_k=2", "callbacks.zeroshot.every_n_steps=2"))
     folder = Path(result.checkpoint).parent
     assert sorted(p.name for p in folder.iterdir()) == ["best.ckpt", "last.ckpt", "step0000006.ckpt",
                                                         "step0000008.ckpt"]
-    history = mlflow.MlflowClient(result.tracking_uri).get_metric_history(result.run_id, "zeroshot/mean_top1")
-    assert [m.step for m in history] == [32, 64, 96, 128]  # images seen at steps 2, 4, 6, 8
-    best = max(history, key=lambda m: m.value)
+    client = mlflow.MlflowClient(result.tracking_uri)
+    val = client.get_metric_history(result.run_id, "val/zeroshot/mean_top1")
+    test = client.get_metric_history(result.run_id, "zeroshot/mean_top1")
+    assert [m.step for m in val] == [m.step for m in test] == [32, 64, 96, 128]  # images seen at steps 2, 4, 6, 8
     saved = torch.load(folder / "best.ckpt", weights_only=True)
-    assert saved["global_step"] * 16 == best.step  # the weights of the best evaluation, not the last
+    # the first of the best validation scores (Lightning keeps the first on ties); the test sets play no part
+    best = max(val, key=lambda m: (m.value, -m.step))
+    assert saved["global_step"] * 16 == best.step
+    assert saved["callbacks"] and any("val/zeroshot/mean_top1" in str(k) for k in saved["callbacks"])
+
+
+def test_without_a_validation_set_no_best_checkpoint_is_chosen_on_the_test_sets(tiny_cfg, isolated, caplog):
+    """Digits with data.val_fraction=0 has only its reported set: nothing may be selected on it."""
+    caplog.set_level(logging.INFO, logger="clipkit.train")
+    result = fit(tiny_cfg("data=digits", "data.val_fraction=0", "trainer.max_steps=4",
+                          "callbacks.checkpoint.every_n_train_steps=2", "callbacks.zeroshot.every_n_steps=2"))
+    folder = Path(result.checkpoint).parent
+    assert not (folder / "best.ckpt").exists() and (folder / "last.ckpt").exists()
+    assert "no validation set" in caplog.text
 
 
 def test_the_end_of_training_is_checkpointed_between_two_periodic_saves(tiny_cfg):

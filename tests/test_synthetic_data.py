@@ -14,8 +14,16 @@ def _sample(seed, split, index, pairs=None):
     return scene, np.asarray(scenes.render(scene, 32)), scenes.caption(scene, rng)
 
 
-def test_vocabulary_is_at_least_6_shapes_8_colours_2_sizes():
-    assert len(scenes.SHAPES) >= 6 and len(scenes.COLOURS) >= 8 and len(scenes.SIZES) == 2
+def test_the_training_stream_draws_and_names_every_shape_colour_and_size():
+    """At least 6 shapes, 8 colours and 2 sizes reach the data (and its captions), not just the constants."""
+    samples = [_sample(0, "train", i) for i in range(400)]
+    objects = [o for scene, _, _ in samples for o in scene.objects]
+    shapes, colours, sizes = {o.shape for o in objects}, {o.colour for o in objects}, {o.size for o in objects}
+    assert len(shapes) >= 6 and len(colours) >= 8 and len(sizes) == 2
+    assert shapes == set(scenes.SHAPES) and colours == set(scenes.COLOURS) and sizes == set(scenes.SIZES)
+    text = " ".join(caption.lower() for _, _, caption in samples)
+    for vocabulary in (scenes.SHAPE_SYNONYMS, scenes.COLOUR_SYNONYMS):
+        assert all(any(word in text for word in words) for words in vocabulary.values())
 
 
 def test_samples_are_a_pure_function_of_seed_split_and_index():
