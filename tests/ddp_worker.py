@@ -38,6 +38,16 @@ class Capture(L.Callback):
         self.loss = trainer.strategy.reduce(outputs["loss"].detach(), reduce_op="mean").item()
 
 
+def one_step(cfg, module: L.LightningModule, batch: dict, capture: Capture) -> tuple[int, int]:
+    """One optimiser step of ``cfg.trainer`` on this rank's share of the global ``batch``: (rank, world size)."""
+    trainer = instantiate(cfg.trainer, callbacks=[capture], logger=False, use_distributed_sampler=False)
+    rank, world = trainer.global_rank, trainer.world_size
+    share = GLOBAL_BATCH // world
+    mine = {k: v[rank * share:(rank + 1) * share] for k, v in batch.items()}
+    trainer.fit(module, train_dataloaders=DataLoader([mine], batch_size=None))
+    return rank, world
+
+
 def main(out: Path, overrides: list[str]) -> None:
     for name, variant in VARIANTS.items():
         cfg = compose_config([*overrides, *variant, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
@@ -47,11 +57,7 @@ def main(out: Path, overrides: list[str]) -> None:
         initial = {k: v.clone() for k, v in module.state_dict().items()}
         batch = random_batch(GLOBAL_BATCH, seed=1, vocab=cfg.model.text.config.vocab_size)
         capture = Capture()
-        trainer = instantiate(cfg.trainer, callbacks=[capture], logger=False, use_distributed_sampler=False)
-        rank, world = trainer.global_rank, trainer.world_size
-        share = GLOBAL_BATCH // world
-        mine = {k: v[rank * share:(rank + 1) * share] for k, v in batch.items()}
-        trainer.fit(module, train_dataloaders=DataLoader([mine], batch_size=None))
+        rank, world = one_step(cfg, module, batch, capture)
         if rank == 0:
             torch.save({"initial": initial, "batch": batch, "loss": capture.loss, "grads": capture.grads,
                         "world": world}, out / f"{name}.pt")

@@ -15,11 +15,10 @@ from pathlib import Path
 import torch
 from hydra.utils import instantiate
 from torch.distributed.tensor import DTensor
-from torch.utils.data import DataLoader
 
 from clipkit.config import compose_config
 from tests.conftest import random_batch
-from tests.ddp_worker import GLOBAL_BATCH, Capture
+from tests.ddp_worker import GLOBAL_BATCH, Capture, one_step
 
 
 def whole(t: torch.Tensor) -> torch.Tensor:
@@ -46,11 +45,7 @@ def main(out: Path, overrides: list[str]) -> None:
     initial = {k: v.clone() for k, v in module.state_dict().items()}
     batch = random_batch(GLOBAL_BATCH, seed=1, vocab=cfg.model.text.config.vocab_size, dtype=torch.float64)
     capture = WholeGrads()
-    trainer = instantiate(cfg.trainer, callbacks=[capture], logger=False, use_distributed_sampler=False)
-    rank, world = trainer.global_rank, trainer.world_size
-    share = GLOBAL_BATCH // world
-    mine = {k: v[rank * share:(rank + 1) * share] for k, v in batch.items()}
-    trainer.fit(module, train_dataloaders=DataLoader([mine], batch_size=None))
+    rank, world = one_step(cfg, module, batch, capture)
     if rank == 0:
         torch.save({"initial": initial, "batch": batch, "loss": capture.loss, "grads": capture.grads, "world": world,
                     "groups": capture.groups, "sharded": capture.sharded}, out / "result.pt")
