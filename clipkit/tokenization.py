@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -66,7 +67,7 @@ def train_or_load_bpe(captions: Iterable[str], vocab_size: int, context_length: 
     else:
         tok = _train(captions, vocab_size)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # one per process: two may train the same one at once
         tok.save(str(tmp))
         tmp.replace(path)  # atomic: parallel runs of a multirun never read a half-written file
         log.info("trained a %d-token BPE on %d captions -> %s", tok.get_vocab_size(), len(captions), path)
