@@ -75,36 +75,36 @@ SHORT_RUN = ["data.batch_size=64", "data.eval_per_class=4", "model.image.embed_d
              "callbacks.zeroshot.every_n_steps=0", "data.corpus_size=2000", "data.num_workers=1"]
 
 
-def shards_and_stream(tiny_cfg, tmp_path, steps: int, image_format: str, *stored_overrides):
-    """Train on the stream and on the same samples written as shards; return both results."""
+def write_and_train(tiny_cfg, tmp_path, steps: int, image_format: str, *stored_overrides):
+    """Write ``steps`` batches of the stream as shards and train on them; the run's result."""
     from clipkit.train import fit
 
     synth(tmp_path / "d", "wds", steps * 64, seed=0, image_size=32, shard_size=1000, image_format=image_format,
           retrieval_size=16, eval_per_class=4)
-    run = [f"trainer.max_steps={steps}", *SHORT_RUN]
-    streamed = fit(tiny_cfg("data=synthetic", *run))  # data=synthetic: the supersampling synth wrote with
-    stored = fit(tiny_cfg(*run, "data=webdataset", f"data.shards={tmp_path}/d/train",
+    stored = fit(tiny_cfg(f"trainer.max_steps={steps}", *SHORT_RUN, "data=webdataset", f"data.shards={tmp_path}/d/train",
                           f"data.eval_folders=[{tmp_path}/d/scenes]", *stored_overrides))
-    assert stored.images_seen == streamed.images_seen == steps * 64
-    return streamed, stored
+    assert stored.images_seen == steps * 64
+    return stored
 
 
 @pytest.mark.slow
 def test_unshuffled_png_shards_train_exactly_like_the_stream(tiny_cfg, tmp_path):
     """One pipeline: lossless shards read in order give the streamed run's losses and accuracy, bit for bit."""
-    streamed, stored = shards_and_stream(tiny_cfg, tmp_path, 100, "png", "data.shuffle=false")
+    from clipkit.train import fit
+
+    stored = write_and_train(tiny_cfg, tmp_path, 100, "png", "data.shuffle=false")
+    streamed = fit(tiny_cfg("data=synthetic", "trainer.max_steps=100", *SHORT_RUN))  # the samples synth wrote
     assert stored.metrics["train/loss"] == streamed.metrics["train/loss"]
     assert stored.metrics["zeroshot/scenes/top1"] == streamed.metrics["zeroshot/scenes/top1"]
 
 
 @pytest.mark.slow
-def test_shuffled_jpeg_shards_train_within_the_streams_band(tiny_cfg, tmp_path):
-    """The real path (JPEG, shuffled shards, resize + crop), same seed and 25,600 images: zero-shot
-    accuracy within 20 points of the stream's. The band is wide because at this tiny scale the order
-    of the same samples alone moved top-1 between 28% and 51% (benchmarks/RESULTS.md); the exact test
-    above is the sharp check of the pipeline, this one catches a broken real path (e.g. the class-name
-    order bug this suite once caught scored 1-7%)."""
-    streamed, stored = shards_and_stream(tiny_cfg, tmp_path, 400, "jpg")
-    a, b = streamed.metrics["zeroshot/scenes/top1"], stored.metrics["zeroshot/scenes/top1"]
-    print(f"zero-shot top-1 after 25,600 images: streamed {a:.3f}, stored shards {b:.3f}")
-    assert b > 10 / 56 and abs(a - b) < 0.2
+def test_shuffled_jpeg_shards_learn_far_above_chance(tiny_cfg, tmp_path):
+    """The real path (JPEG, shuffled shards, resize + crop), 25,600 images: zero-shot top-1 above 10 of the 56
+    classes (chance: 1 in 56). The exact test above is the sharp check of the pipeline; this one catches a broken
+    real path (the class-name order bug this suite once caught scored 1-7%; a working one 28-42% at this scale,
+    and the stream itself 51%, benchmarks/RESULTS.md: order alone moves these tiny runs by 20 points, so comparing
+    with a streamed run, as this test once did, doubled its time without sharpening it)."""
+    top1 = write_and_train(tiny_cfg, tmp_path, 400, "jpg").metrics["zeroshot/scenes/top1"]
+    print(f"zero-shot top-1 after 25,600 images from shuffled JPEG shards: {top1:.3f}")
+    assert top1 > 10 / 56
