@@ -20,6 +20,7 @@ import tarfile
 import zlib
 from collections.abc import Iterator
 from functools import partial
+from itertools import repeat
 from pathlib import Path
 from typing import NamedTuple
 
@@ -178,13 +179,13 @@ class Run(NamedTuple):
 
     names: np.ndarray
     lengths: np.ndarray
-    offsets: list[int]
-    sizes: list[int]
+    offsets: np.ndarray
+    sizes: np.ndarray
 
     def members(self, start: int = 0, stop: int | None = None) -> Iterator[tuple[str, int, int]]:
         """``(name, payload offset, size)`` of members ``start:stop``, one by one."""
         names = self.names[start:stop].view(f"S{self.names.shape[1]}").ravel().tolist()  # trailing NULs dropped
-        for name, offset, size in zip(names, self.offsets[start:stop], self.sizes[start:stop]):
+        for name, offset, size in zip(names, self.offsets[start:stop].tolist(), self.sizes[start:stop].tolist()):
             yield name.decode("utf-8", "surrogateescape"), offset, size
 
 
@@ -227,23 +228,26 @@ def _headers_ok(h: np.ndarray) -> np.ndarray:
     accepts, on which both read the same size."""
     checksum = h[:, 148:156]
     stored = (checksum[:, :6] - 48).astype(np.int64) @ OCTAL[-6:]
-    total = h.sum(1, dtype=np.uint32).astype(np.int64) - checksum.sum(1, dtype=np.int64) + 256
+    # two halves summed in 16 bits (256 x 255 < 2**16): faster than one 32-bit sum
+    total = (h[:, :256].sum(1, dtype=np.uint16).astype(np.int64) + h[:, 256:].sum(1, dtype=np.uint16)
+             - checksum.sum(1, dtype=np.int64) + 256)
     return (((h[:, 124:135] - 48) < 8).all(1) & (h[:, 135] == 0) & (h[:, 257:262] == USTAR).all(1)
             & ((checksum[:, :6] - 48) < 8).all(1) & (checksum[:, 6] == 0) & (checksum[:, 7] == 32) & (stored == total))
 
 
 def _one_mtime(data: np.ndarray, size: np.ndarray) -> np.ndarray:
-    """Whether each pax block ``data [N, 512]`` holds exactly one record, ``"<size> mtime=<value>\\n"``, and zeros
-    after it (tarfile would parse more records from anything else there): what webdataset's writer adds to every
-    member. ``size [N]`` (1..512): the pax header's size field."""
+    """Whether each pax block ``data [N, 512]`` holds one record, ``"<size> mtime=<value>\\n"``, and a NUL after it
+    (where tarfile stops reading records): what webdataset's writer adds to every member. ``size [N]`` (1..512): the
+    pax header's size field."""
     ok = np.zeros(len(data), bool)
-    for length in np.unique(size).tolist():  # one or two lengths per shard
-        rows = np.flatnonzero(size == length)
+    lengths = np.unique(size).tolist()  # one or two per shard
+    for length in lengths:
+        rows = np.flatnonzero(size == length) if len(lengths) > 1 else slice(None)
         lead = np.frombuffer(f"{length} mtime=".encode(), np.uint8)
         if len(lead) < length:
             block = data[rows]
             ok[rows] = ((block[:, :len(lead)] == lead).all(1) & (block[:, length - 1] == ord("\n"))
-                        & ~block[:, length:].any(1))
+                        & (block[:, min(length, BLOCK - 1)] == 0 if length < BLOCK else True))
     return ok
 
 
@@ -275,7 +279,7 @@ def _plain_run(view, offset: int, end: int) -> tuple[Run | None, int]:
     if n == 0:
         return None, offset
     keep = np.flatnonzero(regular[:n])
-    run = Run(h[keep, :100], length[keep], (at[keep] + BLOCK).tolist(), size[keep].tolist())
+    run = Run(h[keep, :100], length[keep], at[keep] + BLOCK, size[keep])
     return run, heads[n - 1] + BLOCK + (int(size[n - 1]) + BLOCK - 1) // BLOCK * BLOCK
 
 
@@ -376,6 +380,19 @@ def _samples(run: Run, image_keys: tuple[str, ...], caption_key: str) -> Samples
     return Samples(starts.tolist(), keys, image.tolist(), caption.tolist())
 
 
+def _readers(shard: str, run: Run, members: np.ndarray) -> list:
+    """A function reading each of a run's ``members`` (-1: None), made in one pass."""
+    have = members >= 0
+    made = map(partial, repeat(read_payload), repeat(shard), run.offsets[members[have]].tolist(),
+               run.sizes[members[have]].tolist())
+    if have.all():
+        return list(made)
+    out = [None] * len(members)
+    for i, reader in zip(np.flatnonzero(have).tolist(), made):
+        out[i] = reader
+    return out
+
+
 class ShardSource:
     """Records of tar shards. ``records`` ignores its seed: a tar is read in order, and the stream's
     shuffle buffer mixes samples across shards."""
@@ -421,13 +438,17 @@ class ShardSource:
         with f:
             try:
                 key, sample = None, {}
-                for member in self._members(tar_entries(f, shard)):
+                for member in self._members(shard, tar_entries(f, shard)):
                     if isinstance(member, Samples):  # whole samples, each after the previous one's last member
                         if key is not None:
                             yield self._record(shard, key, sample)
                         key, sample = None, {}
-                        for name, image, caption in zip(member.keys, member.images, member.captions):
-                            yield Record(shard, name, image and payload(*image), caption and payload(*caption))
+                        # Record(...) made in C: tuple.__new__ is what a NamedTuple's own constructor calls
+                        made = zip(repeat(shard), member.keys, member.images, member.captions)
+                        for record in map(tuple.__new__, repeat(Record), made):
+                            if not replay.on:  # past the position: read now, as below
+                                record = Record(shard, record.key, *(p and p() for p in record[2:]))
+                            yield record
                         continue
                     name, offset, size = member
                     prefix, suffix = split_name(name)  # grouped as webdataset's group_by_keys does
@@ -446,10 +467,10 @@ class ShardSource:
             except (tarfile.TarError, OSError, EOFError, ValueError) as err:
                 raise BadSample("unreadable_shard", f"{shard}: {err}") from None
 
-    def _members(self, entries: Iterator) -> Iterator:
+    def _members(self, shard: str, entries: Iterator) -> Iterator:
         """``(name, payload offset, size)`` per member, except that the samples wholly inside a :class:`Run` (all
         but its first and last, which may continue the previous run or the next) come as one :class:`Samples` of
-        ``(starts, keys, (offset, size) of each image or None, of each caption or None)``, grouped as arrays."""
+        ``(starts, keys, a function reading each image or None, each caption or None)``, grouped as arrays."""
         for item in entries:
             if not isinstance(item, Run):
                 yield item
@@ -461,7 +482,7 @@ class ShardSource:
             first, last = grouped.starts[1], grouped.starts[-1]
             yield from item.members(0, first)
             inner = slice(1, -1)
-            images, captions = ([(item.offsets[m], item.sizes[m]) if m >= 0 else None for m in members[inner]]
+            images, captions = (_readers(shard, item, np.asarray(members[inner]))
                                 for members in (grouped.images, grouped.captions))
             yield Samples(grouped.starts[inner], grouped.keys[inner], images, captions)
             yield from item.members(last)
