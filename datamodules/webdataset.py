@@ -271,7 +271,7 @@ def _plain_run(view, offset: int, end: int) -> tuple[Run | None, int]:
     regular = (ok & ((kind == ord("0")) | (kind == 0)) & (h[:, 345] == 0) & (at + BLOCK + size <= end)
                & ~(named[:, 1:] & ~named[:, :-1]).any(1)  # no NUL inside the name
                & (h[np.arange(len(h)), np.maximum(length - 1, 0)] != ord("/")))
-    pax = ok & (kind == ord("x")) & (size > 0) & (size <= BLOCK)
+    pax = ok & (kind == ord("x")) & (size > 0) & (size <= BLOCK) & (at + 2 * BLOCK <= end)  # its record in the file
     if pax.any():
         pax[pax] = _one_mtime(_blocks(view, end, at[pax] // BLOCK + 1), size[pax])
     member = regular | (pax & np.append(regular[1:], False))  # a pax header belongs to the member after it
