@@ -8,8 +8,10 @@ stop without an error, silently losing the rest of the shard; here it is counted
 
 A resumed reader replays its stream up to its position (:meth:`ShardSource.lazy_records`): from local plain tars it
 reads the 512-byte headers only and seeks past the payloads, which are read later for just the records still in the
-shuffle buffer, and never for the others. It yields the records, the damage and the errors that :meth:`records`
-would, in the same order, so the replay lands where the interrupted run was.
+shuffle buffer, and never for the others. A shard's plain headers are checked, and its records grouped, as numpy
+arrays a few thousand headers at a time (:func:`_plain_run`, :func:`_samples`); anything else one by one. It yields
+the records, the damage and the errors that :meth:`records` would, in the same order, so the replay lands where the
+interrupted run was.
 """
 
 from __future__ import annotations
