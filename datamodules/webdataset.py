@@ -328,7 +328,8 @@ def tar_entries(f, path: str) -> Iterator[Run | tuple[str, int, int]]:
 
 class Samples(NamedTuple):
     """A :class:`Run` grouped into samples: ``starts`` (first member of each), ``keys``, and the member holding
-    each sample's image and caption (-1: none)."""
+    each sample's image and caption (-1: none; :meth:`ShardSource._members` hands them on as functions reading
+    them, or None)."""
 
     starts: list[int]
     keys: list[str]
