@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import hashlib
 import random
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
@@ -81,14 +81,18 @@ def assignment(num_shards: int, reader: int, readers: int) -> list[tuple[int, in
 
 
 def shuffled(records: Iterator[Record], size: int, rng: random.Random) -> Iterator[Record]:
-    """Shuffle within a buffer of ``size`` records (webdataset's approach for streams larger than memory)."""
-    buffer: list[Record] = []
-    for record in records:
-        buffer.append(record)
-        if len(buffer) >= size:
-            i = rng.randrange(len(buffer))
-            buffer[i], buffer[-1] = buffer[-1], buffer[i]
-            yield buffer.pop()
+    """Shuffle within a buffer of ``size`` records (webdataset's approach for streams larger than memory): once
+    ``size - 1`` are held, each new record is drawn with them, and the one drawn leaves (the new record takes its
+    place). A resumed reader replays these draws for millions of records, so the loop does nothing else."""
+    records = iter(records)
+    buffer: list[Record] = list(islice(records, max(size, 1) - 1))
+    held, draw = len(buffer), rng.randrange
+    if held == max(size, 1) - 1:
+        for record in records:
+            i = draw(held + 1)
+            if i < held:
+                buffer[i], record = record, buffer[i]
+            yield record
     rng.shuffle(buffer)
     yield from buffer
 
@@ -141,11 +145,9 @@ class Counted:
     read and dropped: how a resumed reader gets back to its position without decoding anything."""
 
     def __init__(self, items: Iterator, skip: int = 0) -> None:
-        self.items, self.n = items, 0
-        for _ in range(skip):
-            if next(self.items, None) is None:
-                break
-            self.n += 1
+        self.items = items
+        last = deque(enumerate(islice(items, skip), 1), maxlen=1)  # consumed in C, counted on the way
+        self.n = last[0][0] if last else 0
 
     def __iter__(self) -> Counted:
         return self
@@ -243,9 +245,8 @@ class BatchStream(IterableDataset):
         for position, every, offset in assignment(len(shards), reader, readers):
             shard = shards[order[position]]
             shard_seed = f"{self.seed}/{self.epoch}/{number}/{shard}" if self.shuffle else None
-            for i, record in enumerate(self._guarded(shard, shard_seed, replay)):
-                if i % every == offset:
-                    yield record
+            records = self._guarded(shard, shard_seed, replay)
+            yield from records if every == 1 else islice(records, offset, None, every)
 
     def _resampled(self, reader: int, replay: Replay) -> Iterator[Record]:
         shards, rng = self.source.shards(), random.Random(f"{self.seed}/{self.epoch}/{reader}/resampled")
@@ -272,14 +273,15 @@ class BatchStream(IterableDataset):
             return
         number = 0
         while True:
-            empty = True
-            for record in self._pass(reader, readers, number, replay):
-                empty = False
-                yield record
+            records = self._pass(reader, readers, number, replay)
+            first = next(records, None)
+            if first is not None:
+                yield first
+                yield from records
             number += 1
             if not cycle:
                 return
-            if empty:  # cycling an empty share would spin forever
+            if first is None:  # cycling an empty share would spin forever
                 raise DataError(f"reader {reader} of {readers} has no samples in its share of the shards")
 
     def _stream(self, reader: int, readers: int, cycle: bool, skip: int) -> Counted:
