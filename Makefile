@@ -20,10 +20,10 @@ demo: install  ## train the default experiment, print zero-shot results and wher
 	$(PY) -m clipkit fit experiments=contrastive_vit
 
 test: install  ## the fast suite (seconds per test)
-	$(PY) -m pytest -m "not slow" -q
+	$(PY) -m pytest -m "not slow" -q --durations=10
 
 test-slow: install  ## the slow suite: real training, every preset through one Hydra multirun
-	$(PY) -m pytest -m slow -q
+	$(PY) -m pytest -m slow -q --durations=10
 
 ui: install  ## MLflow UI on 127.0.0.1:5000 for ./mlflow.db
 	$(PY) -m clipkit ui
