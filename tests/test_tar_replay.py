@@ -15,6 +15,7 @@ import datamodules.webdataset as wds
 from datamodules.decode import BadSample
 from datamodules.stream import Counted, Replay, shuffled
 from datamodules.webdataset import Run, ShardSource, tar_entries
+from tests.test_data_sources import listing
 
 SAMPLES = 40
 
@@ -59,20 +60,6 @@ def shard(path, variant: str) -> None:
             member(tar, f"{folder}{key}.json", b"{}", mtime)
     if variant == "cut mid-way":
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2 + 100])
-
-
-def listing(records, replay: Replay | None = None, flip: int | None = None) -> list:
-    """Each record with its payloads read, and the damage that ended the shard; ``replay`` is switched off after
-    ``flip`` records (the resumed reader reaching its position mid-shard)."""
-    out = []
-    try:
-        for i, record in enumerate(records):
-            if replay is not None and i == flip:
-                replay.on = False
-            out.append((record.key, *(p() if callable(p) else p for p in (record.image, record.caption))))
-    except BadSample as bad:
-        out.append(bad.kind)
-    return out
 
 
 VARIANTS = ["webdataset writer", "ustar, no pax", "upper case, png, folders", "duplicate suffix", "no image",
