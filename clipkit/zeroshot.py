@@ -76,13 +76,20 @@ def on_device(prompts: dict, device) -> dict:
     return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in prompts.items()}
 
 
+def per_class_mask(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Boolean mask holding out ``fraction`` of each class's samples (rounded), chosen by ``seed``: the one split
+    behind digits' held-out scans and every validation set carved from a held-out set."""
+    rng, held = np.random.default_rng(seed), np.zeros(len(labels), dtype=bool)
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        held[idx[: round(fraction * len(idx))]] = True
+    return held
+
+
 def split_off(zs: ZeroShotSet, fraction: float, seed: int) -> tuple[ZeroShotSet, ZeroShotSet | None]:
     """(the rest of ``zs``, a validation set of ``fraction`` of each class's images), disjoint and chosen by
     ``seed``; no validation set when ``fraction`` picks no image. Both keep the set's name, classes and prompts."""
-    rng, held = np.random.default_rng(seed), torch.zeros(len(zs.labels), dtype=torch.bool)
-    for c in torch.unique(zs.labels).tolist():
-        idx = rng.permutation(torch.nonzero(zs.labels == c).flatten().numpy())
-        held[idx[: round(fraction * len(idx))]] = True
+    held = torch.from_numpy(per_class_mask(zs.labels.numpy(), fraction, seed))
     if not held.any():
         return zs, None
     return (replace(zs, images=zs.images[~held], labels=zs.labels[~held]),

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from clipkit.zeroshot import ProbeSet, ZeroShotSet, class_prompts, split_off
+from clipkit.zeroshot import ProbeSet, ZeroShotSet, class_prompts, per_class_mask, split_off
 from datamodules.base import CaptionDataModule
 from datamodules.stream import Record
 
@@ -29,15 +29,6 @@ def load_digits_images() -> tuple[np.ndarray, np.ndarray]:
     digits = load_digits()
     ink = digits.images / 16.0  # 0..16 ink density
     return np.round(255 * (1 - ink)).astype(np.uint8), digits.target.astype(np.int64)
-
-
-def zeroshot_split(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """Boolean mask of held-out samples: ``fraction`` of each class, chosen by ``seed``."""
-    rng, held = np.random.default_rng(seed), np.zeros(len(labels), dtype=bool)
-    for c in np.unique(labels):
-        idx = rng.permutation(np.flatnonzero(labels == c))
-        held[idx[: round(fraction * len(idx))]] = True
-    return held
 
 
 def _rgb(pixels: np.ndarray) -> Image.Image:
@@ -72,7 +63,7 @@ class DigitsDataModule(CaptionDataModule):
 
     def __init__(self, tokenizer, seed: int = 0, zeroshot_fraction: float = 0.2, **common) -> None:
         self.images, self.labels = load_digits_images()
-        self.held_out = zeroshot_split(self.labels, zeroshot_fraction, seed)
+        self.held_out = per_class_mask(self.labels, zeroshot_fraction, seed)
         self._source = DigitsSource(self.images, self.labels, np.flatnonzero(~self.held_out))
         common["templates"] = common.get("templates") or list(TEMPLATES)
         super().__init__(tokenizer, seed=seed, **common)
@@ -104,4 +95,5 @@ class DigitsDataModule(CaptionDataModule):
         return [self._held_out_sets[0]]
 
     def own_validation_sets(self) -> list[ZeroShotSet]:
-        return [val for val in self._held_out_sets[1:] if val is not None]
+        val = self._held_out_sets[1]
+        return [] if val is None else [val]
