@@ -142,12 +142,11 @@ def mark_dead_runs_of(cfg: DictConfig) -> None:
 def selectable(callbacks: list, datamodule) -> list:
     """``callbacks`` less any checkpoint that selects on a validation metric (``val/...``) when the data have no
     validation set: it would never save, and the reported (test) sets must never stand in for one."""
-    if datamodule.validation_sets():
-        return callbacks
     kept = [c for c in callbacks if not str(getattr(c, "monitor", None) or "").startswith("val/")]
-    if len(kept) < len(callbacks):
-        log.info("no validation set (data.val_fraction=0 and none of the data's own): no best.ckpt is kept, "
-                 "since only the reported sets could choose it")
+    if len(kept) == len(callbacks) or datamodule.validation_sets():  # sets built only if something selects on them
+        return callbacks
+    log.info("no validation set (data.val_fraction=0 and none of the data's own): no best.ckpt is kept, "
+             "since only the reported sets could choose it")
     return kept
 
 
