@@ -1,10 +1,11 @@
 """What does exact resume cost? A resumed reader replays its record stream up to its position (shard order and
 shuffle-buffer draws are functions of the seed) without decoding images, and from tar shards without reading
-payloads: the headers are checked as arrays and the records grouped with numpy, and only the records left in the
-shuffle buffer have their payloads read, when decoded. This measures that replay (``BatchStream._stream``, the
-resumed reader's own path) against the same replay reading every payload through ``tarfile`` (how it replayed
-before issue 20), on the same records in the same run, and against the loader's normal decode rate; one reader, no
-dataloader workers.
+payloads: from each shard's record index, which the interrupted run wrote as it read the shard, or without one from
+the tar headers, checked as arrays and grouped with numpy; only the records left in the shuffle buffer have their
+payloads read, when decoded. This measures both replays (``BatchStream._stream``, the resumed reader's own path)
+against the same replay reading every payload through ``tarfile`` (how it replayed before issue 20), on the same
+records in the same run, and against the loader's normal decode rate; one reader, no dataloader workers. It also
+measures what writing the indexes costs the streaming reader.
 
     python benchmarks/resume_replay.py [--samples 8192] [--depth 65536] [--repeats 3]
 
@@ -59,21 +60,46 @@ def replayed(stream, depth: int) -> tuple[float, float]:
     return rate, time.perf_counter() - start
 
 
-def rates(overrides: list[str], samples: int, depth: int, repeats: int) -> tuple[float, float, float, float]:
-    """Medians of (records/s replayed, seconds reading the buffer's payloads, records/s replayed reading every
-    payload) over ``repeats`` alternating runs, and images/s decoded into batches (``samples`` images), reader 0."""
-    dm = instantiate(compose_config([*overrides, "data.num_workers=0"]).data)
-    stream = dm.train_dataloader().dataset
-    after, before = [], []
-    for _ in range(repeats):
-        before.append(payloads_read(stream, depth))
-        after.append(replayed(stream, depth))
+def read_once(source) -> float:
+    """Records/s of reading every shard once to its end through the streaming reader (``records``)."""
+    start, n = time.perf_counter(), 0
+    for shard in source.shards():
+        n += sum(1 for _ in source.records(shard))
+    return n / (time.perf_counter() - start)
+
+
+def rates(overrides: list[str], samples: int, depth: int, repeats: int, index_dir: str | None) -> dict:
+    """Medians over ``repeats`` alternating runs, reader 0: records/s replayed from shard indexes (``index``; the
+    shards read whole first, as the interrupted run read them, into a new index folder each time) and from tar
+    headers (``headers``), seconds reading the buffer's payloads after the header replay (``buffer``), records/s
+    replayed reading every payload (``before``), records/s of reading every shard once without indexes
+    (``unindexed``) and writing them (``writing``: what keeping indexes costs the streaming reader); and images/s
+    decoded into batches (``samples`` images, ``decode``)."""
+    no_index = [] if index_dir is None else ["data.index_dir=null"]  # a source with no indexes has no such key
+    plain = instantiate(compose_config([*overrides, "data.num_workers=0", *no_index]).data)
+    stream = plain.train_dataloader().dataset
+    indexed = None
+    if index_dir is not None:
+        dm = instantiate(compose_config([*overrides, "data.num_workers=0", f"data.index_dir={index_dir}"]).data)
+        indexed = dm.train_dataloader().dataset
+    runs: dict[str, list] = {"index": [], "headers": [], "buffer": [], "before": [], "unindexed": [], "writing": []}
+    for repeat in range(repeats):
+        runs["before"].append(payloads_read(stream, depth))
+        rate, buffer = replayed(stream, depth)
+        runs["headers"].append(rate)
+        runs["buffer"].append(buffer)
+        if indexed is not None:
+            # what training pays to leave the indexes: every shard read once without, and once writing them
+            runs["unindexed"].append(read_once(stream.source))
+            indexed.source.index_dir = f"{index_dir}/{repeat}"
+            runs["writing"].append(read_once(indexed.source))
+            runs["index"].append(replayed(indexed, depth)[0])
+    out = {name: median(values) if values else None for name, values in runs.items()}
     it, seen = iter(stream), 0
     start = time.perf_counter()
     while seen < samples:
         seen += len(next(it)["keys"])
-    replay, buffer = median(r for r, _ in after), median(b for _, b in after)
-    return replay, buffer, median(before), seen / (time.perf_counter() - start)
+    return {**out, "decode": seen / (time.perf_counter() - start)}
 
 
 def main() -> None:
@@ -87,16 +113,21 @@ def main() -> None:
         for size in (48, 256):
             overrides = [*jpeg_shards(Path(tmp), size, args.samples), f"data.samples_per_epoch={10 * args.depth}"]
             rows.append((f"WebDataset, {size} px JPEG, shuffle buffer 1000",
-                         *rates(overrides, args.samples, args.depth, args.repeats)))
+                         rates(overrides, args.samples, args.depth, args.repeats, f"{tmp}/index{size}")))
         rows.append(("generated scenes (default)",
-                     *rates([f"paths.cache_dir={tmp}/cache"], args.samples, args.depth, args.repeats)))
-    print(f"| source (one reader {args.depth:,} records deep; {args.samples:,} records cycled) | replayed records/s | "
-          "reading payloads (before) | speed-up | next 1,000 records' payloads, once (s) | decoded images/s | "
-          "replay / decode |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for name, replay, buffer, before, decode in rows:
-        print(f"| {name} | {replay:,.0f} | {before:,.0f} | {replay / before:,.1f}× | {buffer:.2f} | {decode:,.0f} | "
-              f"{replay / decode:,.0f}× |")
+                     rates([f"paths.cache_dir={tmp}/cache"], args.samples, args.depth, args.repeats, None)))
+    print(f"| source (one reader {args.depth:,} records deep; {args.samples:,} records cycled) | replayed from shard "
+          "indexes, records/s | from tar headers | reading payloads (before) | speed-up: indexes | speed-up: headers "
+          "| next 1,000 records' payloads, once (s) | shards read once, records/s: without / writing indexes | "
+          "decoded images/s |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name, r in rows:
+        index = "—" if r["index"] is None else f"{r['index']:,.0f}"
+        gain = "—" if r["index"] is None else f"{r['index'] / r['before']:,.1f}×"
+        writing = "—" if r["writing"] is None else \
+            f"{r['unindexed']:,.0f} / {r['writing']:,.0f} ({r['writing'] / r['unindexed'] - 1:+.0%})"
+        print(f"| {name} | {index} | {r['headers']:,.0f} | {r['before']:,.0f} | {gain} | "
+              f"{r['headers'] / r['before']:,.1f}× | {r['buffer']:.2f} | {writing} | {r['decode']:,.0f} |")
 
 
 if __name__ == "__main__":

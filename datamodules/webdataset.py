@@ -12,13 +12,23 @@ shuffle buffer, and never for the others. A shard's plain headers are checked, a
 arrays a few thousand headers at a time (:func:`_plain_run`, :func:`_samples`); anything else one by one. It yields
 the records, the damage and the errors that :meth:`records` would, in the same order, so the replay lands where the
 interrupted run was.
+
+Faster still, a resume reads no header at all: whenever :meth:`ShardSource.records` reads a local shard to its clean
+end (as training does), it writes the shard's record index (keys, and where each image and caption lies) under
+``index_dir``; the replay of a shard with an index made from the same file (path, size and modification time) reads
+the index instead of the tar. A shard without one (cache cleared, another machine, the shard the interrupted run
+was in the middle of) is replayed from its headers as above.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import logging
 import mmap
 import os
 import tarfile
+import zipfile
 import zlib
 from collections.abc import Iterator
 from functools import partial
@@ -37,6 +47,9 @@ from datamodules.decode import BadSample
 from datamodules.stream import Record
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+INDEX_VERSION = 1  # part of every index's name: a change of layout or meaning makes old ones unused
+
+log = logging.getLogger(__name__)
 
 
 def _is_local(url: str) -> bool:
@@ -71,8 +84,10 @@ def _ends_cleanly(path: str, offset: int) -> bool:
     return len(tail) == 1024 and not any(tail)
 
 
-def tar_members(stream, shard: str) -> Iterator[dict]:
-    """``{fname, data, __url__}`` per regular member of a tar stream; raises on a shard cut short."""
+def tar_members(stream, shard: str, seen: list | None = None) -> Iterator[dict]:
+    """``{fname, data, __url__}`` per regular member of a tar stream; raises on a shard cut short. ``seen`` (if
+    given) gets each member's ``(name, payload offset, size)``, from which :meth:`ShardSource.records` writes the
+    shard's index."""
     with tarfile.open(fileobj=stream, mode="r|*") as tar:
         for info in tar:
             if not info.isreg():
@@ -80,6 +95,8 @@ def tar_members(stream, shard: str) -> Iterator[dict]:
             data = tar.extractfile(info).read()
             if len(data) != info.size:
                 raise BadSample("unreadable_shard", f"{shard}: ends inside {info.name}")
+            if seen is not None:
+                seen.append((info.name, info.offset_data, info.size))
             yield {"fname": info.name, "data": data, "__url__": shard}
             tar.members = []  # a stream: keep no index of what was read
         if _is_local(shard) and not _ends_cleanly(shard, tar.offset):
@@ -383,47 +400,163 @@ def _samples(run: Run, image_keys: tuple[str, ...], caption_key: str) -> Samples
     return Samples(starts.tolist(), keys, image.tolist(), caption.tolist())
 
 
-def _readers(shard: str, run: Run, members: np.ndarray) -> list:
-    """A function reading each of a run's ``members`` (-1: None), made in one pass."""
-    have = members >= 0
-    made = map(partial, repeat(read_payload), repeat(shard), run.offsets[members[have]].tolist(),
-               run.sizes[members[have]].tolist())
+def _readers(shard: str, offsets: np.ndarray, sizes: np.ndarray) -> list:
+    """A function reading each payload ``offsets[i], sizes[i]`` of ``shard`` (a negative offset: None), made in one
+    pass."""
+    have = offsets >= 0
+    made = map(partial, repeat(read_payload), repeat(shard), offsets[have].tolist(), sizes[have].tolist())
     if have.all():
         return list(made)
-    out = [None] * len(members)
+    out = [None] * len(offsets)
     for i, reader in zip(np.flatnonzero(have).tolist(), made):
         out[i] = reader
     return out
 
 
+def _grouped(items: Iterator, wanted: set[str]) -> Iterator:
+    """webdataset's ``group_by_keys`` on ``(name, payload offset, size)`` members: ``(key, {suffix: (offset, size)
+    if the suffix is in wanted else None})`` per sample (suffixes lower-cased, a member without a key skipped, a
+    suffix twice in a sample a ValueError); a :class:`Samples` among the items ends the sample before it and is
+    passed on."""
+    key, sample = None, {}
+    for item in items:
+        if isinstance(item, Samples):  # whole samples, each after the previous one's last member
+            if key is not None:
+                yield key, sample
+            key, sample = None, {}
+            yield item
+            continue
+        name, offset, size = item
+        prefix, suffix = split_name(name)
+        if prefix is None:
+            continue
+        suffix = suffix.lower()
+        if prefix != key:
+            if key is not None:
+                yield key, sample
+            key, sample = prefix, {}
+        if suffix in sample:
+            raise ValueError(f"{name}: duplicate file name in tar file {suffix}")
+        sample[suffix] = (offset, size) if suffix in wanted else None
+    if key is not None:
+        yield key, sample
+
+
+class Index(NamedTuple):
+    """A shard's records as :meth:`ShardSource.records` reads them: ``keys``, and ``spans [N, 4]``: each record's
+    image offset and size, then its caption's (-1: none)."""
+
+    keys: list[str]
+    spans: np.ndarray
+
+
 class ShardSource:
     """Records of tar shards. ``records`` ignores its seed: a tar is read in order, and the stream's
-    shuffle buffer mixes samples across shards."""
+    shuffle buffer mixes samples across shards. ``index_dir``: where shard indexes are kept (None: none are)."""
 
     def __init__(self, shards: str | list[str], image_keys: tuple[str, ...] = IMAGE_KEYS,
-                 caption_key: str = "txt") -> None:
+                 caption_key: str = "txt", index_dir: str | None = None) -> None:
         self.urls = expand_shards(shards)
         self.image_keys, self.caption_key = tuple(image_keys), caption_key
+        self.index_dir = index_dir
 
     def shards(self) -> list[str]:
         return self.urls
 
     def records(self, shard: str, seed: str | None = None) -> Iterator[Record]:
+        made_from = self._index_of(shard)  # before reading: a shard changed meanwhile gets an index never used
+        if made_from is not None and self._index_file(made_from).is_file():
+            made_from = None  # indexed already (an earlier epoch, another worker)
+        seen, keys = ([], []) if made_from is not None else (None, None)
         try:
             stream = gopen(shard, "rb")
         except Exception as err:  # gopen raises whatever the opener raises
             raise BadSample("unreadable_shard", f"{shard}: {err}") from None
         with stream:
             try:
-                for sample in group_by_keys(tar_members(stream, shard)):
+                for sample in group_by_keys(tar_members(stream, shard, seen)):
                     image = next((sample[k] for k in self.image_keys if k in sample), None)
+                    if keys is not None:
+                        keys.append(sample["__key__"])
                     yield Record(shard, sample["__key__"], image, sample.get(self.caption_key))
             except (tarfile.TarError, OSError, EOFError, ValueError) as err:
                 raise BadSample("unreadable_shard", f"{shard}: {err}") from None
+        if made_from is not None:  # read to its clean end (a damaged or half-read shard gets none)
+            self._write_index(made_from, seen, keys)
+
+    def index_path(self, shard: str) -> Path | None:
+        """Where a local shard's index is (or would be) kept, named by the shard's path, size and modification
+        time and the reader's keys, so an index is only ever read for the file it was made from; None when there
+        is no ``index_dir``, or for a remote shard."""
+        made_from = self._index_of(shard)
+        return None if made_from is None else self._index_file(made_from)
+
+    def _index_file(self, made_from: bytes) -> Path:
+        return Path(self.index_dir) / f"{hashlib.sha256(made_from).hexdigest()}.npz"
+
+    def _index_of(self, shard: str) -> bytes | None:
+        """What an index of ``shard`` is made from: the shard's real path, size and modification time, the reader's
+        keys, the index format; stored in the index too, and checked when it is read."""
+        if self.index_dir is None or not _is_local(shard):
+            return None
+        try:
+            stat = os.stat(shard)
+        except OSError:
+            return None
+        return "\0".join(map(str, (INDEX_VERSION, os.path.realpath(shard), stat.st_size, stat.st_mtime_ns,
+                                    self.image_keys, self.caption_key))).encode("utf-8", "surrogateescape")
+
+    def _write_index(self, made_from: bytes, members: list, keys: list[str]) -> None:
+        """The index of a shard just read whole, from its members' offsets, grouped as :meth:`lazy_records` groups
+        them; written only if that grouping gives the very keys :meth:`records` gave. An index is a cache: if it
+        cannot be written, the replay reads headers instead (one warning)."""
+        try:
+            samples = list(_grouped(iter(members), {*self.image_keys, self.caption_key}))
+        except ValueError:
+            return
+        if [key for key, _ in samples] != keys:
+            return
+        none, image_keys = (-1, -1), self.image_keys
+        spans = np.array([(*next((sample[k] for k in image_keys if k in sample), none),
+                           *sample.get(self.caption_key, none)) for _, sample in samples], np.int64).reshape(-1, 4)
+        blob = np.frombuffer("\0".join(keys).encode("utf-8", "surrogateescape"), np.uint8)
+        path = self._index_file(made_from)
+        tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(tmp, keys=blob, spans=spans, made_from=np.frombuffer(made_from, np.uint8))
+            os.replace(tmp, path)  # whole or not at all, whichever worker writes it
+        except OSError as err:
+            if not getattr(self, "_warned", False):
+                log.warning("shard indexes are not kept (%s); a resume will read tar headers instead", err)
+                self._warned = True
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+    def read_index(self, shard: str) -> Index | None:
+        """The shard's index, if one was made from this very file; None otherwise, or if it cannot be read (a
+        partial or foreign file in the cache: the replay then reads headers)."""
+        path = self.index_path(shard)
+        if path is None or not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as saved:
+                blob, spans, made_from = saved["keys"], saved["spans"], saved["made_from"].tobytes()
+            keys = blob.tobytes().decode("utf-8", "surrogateescape").split("\0") if len(spans) else []
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+            return None
+        if made_from != self._index_of(shard) or spans.dtype != np.int64 or spans.shape != (len(keys), 4):
+            return None
+        return Index(keys, spans)
 
     def lazy_records(self, shard: str, seed: str | None, replay) -> Iterator[Record]:
         """:meth:`records`, with payloads left unread while ``replay.on``: each is a function reading it, called
-        only for a record the resumed reader keeps. A remote or compressed shard is read as :meth:`records` does."""
+        only for a record the resumed reader keeps. From the shard's index if it has one (:meth:`read_index`),
+        else from its headers; a remote or compressed shard is read as :meth:`records` does."""
+        index = self.read_index(shard)
+        if index is not None:
+            yield from self._indexed(shard, index, replay)
+            return
         try:
             f = open(shard, "rb") if _is_local(shard) else None
         except OSError as err:
@@ -433,42 +566,40 @@ class ShardSource:
                 f.close()
             yield from self.records(shard, seed)
             return
-        wanted = {*self.image_keys, self.caption_key}
 
-        def payload(offset: int, size: int):  # past the position (rest of this shard), read now
-            return partial(read_payload, shard, offset, size) if replay.on else read_payload(shard, offset, size)
+        def payload(span):  # past the position (rest of this shard), read now
+            return span and (partial(read_payload, shard, *span) if replay.on else read_payload(shard, *span))
 
         with f:
             try:
-                key, sample = None, {}
-                for member in self._members(shard, tar_entries(f, shard)):
-                    if isinstance(member, Samples):  # whole samples, each after the previous one's last member
-                        if key is not None:
-                            yield self._record(shard, key, sample)
-                        key, sample = None, {}
+                for item in _grouped(self._members(shard, tar_entries(f, shard)), {*self.image_keys,
+                                                                                    self.caption_key}):
+                    if isinstance(item, Samples):
                         # Record(...) made in C: tuple.__new__ is what a NamedTuple's own constructor calls
-                        made = zip(repeat(shard), member.keys, member.images, member.captions)
-                        for record in map(tuple.__new__, repeat(Record), made):
-                            if not replay.on:  # past the position: read now, as below
-                                record = Record(shard, record.key, *(p and p() for p in record[2:]))
-                            yield record
+                        made = zip(repeat(shard), item.keys, item.images, item.captions)
+                        yield from self._kept(map(tuple.__new__, repeat(Record), made), replay)
                         continue
-                    name, offset, size = member
-                    prefix, suffix = split_name(name)  # grouped as webdataset's group_by_keys does
-                    if prefix is None:
-                        continue
-                    suffix = suffix.lower()
-                    if prefix != key:
-                        if key is not None:
-                            yield self._record(shard, key, sample)
-                        key, sample = prefix, {}
-                    if suffix in sample:
-                        raise ValueError(f"{name}: duplicate file name in tar file {suffix}")
-                    sample[suffix] = payload(offset, size) if suffix in wanted else None
-                if key is not None:
-                    yield self._record(shard, key, sample)
+                    key, sample = item
+                    image = next((sample[k] for k in self.image_keys if k in sample), None)
+                    yield Record(shard, key, payload(image), payload(sample.get(self.caption_key)))
             except (tarfile.TarError, OSError, EOFError, ValueError) as err:
                 raise BadSample("unreadable_shard", f"{shard}: {err}") from None
+
+    def _indexed(self, shard: str, index: Index, replay) -> Iterator[Record]:
+        """The records of an indexed shard, no byte of the tar read until a payload is wanted."""
+        spans = index.spans
+        images, captions = _readers(shard, spans[:, 0], spans[:, 1]), _readers(shard, spans[:, 2], spans[:, 3])
+        yield from self._kept(map(tuple.__new__, repeat(Record), zip(repeat(shard), index.keys, images, captions)),
+                              replay)
+
+    @staticmethod
+    def _kept(records: Iterator[Record], replay) -> Iterator[Record]:
+        """Records with lazy payloads, read now for those past the replay's position (``replay.on`` is switched
+        off by the reader when it gets there)."""
+        for record in records:
+            if not replay.on:
+                record = Record(record.shard, record.key, *(p and p() for p in record[2:]))
+            yield record
 
     def _members(self, shard: str, entries: Iterator) -> Iterator:
         """``(name, payload offset, size)`` per member, except that the samples wholly inside a :class:`Run` (all
@@ -485,14 +616,15 @@ class ShardSource:
             first, last = grouped.starts[1], grouped.starts[-1]
             yield from item.members(0, first)
             inner = slice(1, -1)
-            images, captions = (_readers(shard, item, np.asarray(members[inner]))
+            images, captions = (_readers(shard, *_spans(item, np.asarray(members[inner])))
                                 for members in (grouped.images, grouped.captions))
             yield Samples(grouped.starts[inner], grouped.keys[inner], images, captions)
             yield from item.members(last)
 
-    def _record(self, shard: str, key: str, sample: dict) -> Record:
-        image = next((sample[k] for k in self.image_keys if k in sample), None)
-        return Record(shard, key, image, sample.get(self.caption_key))
+
+def _spans(run: Run, members: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Payload offsets and sizes of a run's ``members`` (-1: none, offset -1)."""
+    return np.where(members >= 0, run.offsets[members], -1), run.sizes[members]
 
 
 class WebDatasetDataModule(CaptionDataModule):
@@ -500,9 +632,10 @@ class WebDatasetDataModule(CaptionDataModule):
     retrieval (``retrieval_shards``) and labelled image folders for zero-shot (``eval_folders``)."""
 
     def __init__(self, shards: str | list[str], retrieval_shards: str | list[str] | None = None,
-                 image_keys: tuple[str, ...] = IMAGE_KEYS, caption_key: str = "txt", **common) -> None:
+                 image_keys: tuple[str, ...] = IMAGE_KEYS, caption_key: str = "txt", index_dir: str | None = None,
+                 **common) -> None:
         self.image_keys, self.caption_key = tuple(image_keys), caption_key
-        self._source = ShardSource(shards, self.image_keys, caption_key)
+        self._source = ShardSource(shards, self.image_keys, caption_key, index_dir)
         self._retrieval_source = ShardSource(retrieval_shards, self.image_keys, caption_key) if retrieval_shards else None
         super().__init__(**common)
 

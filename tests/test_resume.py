@@ -45,14 +45,17 @@ def batches(dm, resume: dict | None = None) -> list[dict]:
     return list(dm.train_dataloader())
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_a_resumed_epoch_yields_exactly_the_batches_it_had_left_in_the_same_order(tmp_path, workers):
-    """Shuffled shards with bad samples: the replay must skip what the bad samples took, not only good ones."""
+@pytest.mark.parametrize("workers,indexed", [(0, False), (2, False), (0, True), (2, True)])
+def test_a_resumed_epoch_yields_exactly_the_batches_it_had_left_in_the_same_order(tmp_path, workers, indexed):
+    """Shuffled shards with bad samples: the replay must skip what the bad samples took, not only good ones; from
+    tar headers, or from the shard indexes the first pass left (``index_dir``)."""
     write_shards(tmp_path / "shards", 3, good_per_shard=11, repairs=REPAIRS)
     dm = WebDatasetDataModule(shards=str(tmp_path / "shards"), batch_size=4, num_workers=workers, image_size=16,
                               corpus_size=50, retrieval_size=8, max_image_pixels=MAX_PIXELS, shuffle_buffer=8,
-                              tokenizer=partial(train_or_load_bpe, vocab_size=128, cache_dir=str(tmp_path / "tok")))
+                              tokenizer=partial(train_or_load_bpe, vocab_size=128, cache_dir=str(tmp_path / "tok")),
+                              index_dir=str(tmp_path / "index") if indexed else None)
     full = batches(dm)
+    assert len(list((tmp_path / "index").glob("*.npz"))) == (3 if indexed else 0)
     assert len(full) >= 8
     for cut in (1, 3, len(full) - 1):
         position = StreamPosition(workers or 1, 1)
@@ -285,9 +288,11 @@ def test_a_crash_right_after_a_checkpoint_loses_no_metric_step(tiny_cfg, monkeyp
     assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")] == [16 * s for s in range(1, 9)]
 
 
-def test_a_resumed_reader_reads_no_payload_of_the_records_it_replays(tmp_path, monkeypatch):
-    """At web scale a reader is millions of records deep: its replay reads tar headers only, and the payloads of
-    just the records it still yields (those the shuffle buffer held at the position, and after)."""
+@pytest.mark.parametrize("indexed", [False, True])
+def test_a_resumed_reader_reads_no_payload_of_the_records_it_replays(tmp_path, monkeypatch, indexed):
+    """At web scale a reader is millions of records deep: its replay reads tar headers only (or, for the shards
+    the first pass read whole, their indexes), and the payloads of just the records it still yields (those the
+    shuffle buffer held at the position, and after)."""
     import tarfile
 
     import datamodules.webdataset as wds
@@ -299,13 +304,14 @@ def test_a_resumed_reader_reads_no_payload_of_the_records_it_replays(tmp_path, m
             offsets.update({(str(shard), m.offset_data): m.name.split(".")[0] for m in tar})
     dm = WebDatasetDataModule(shards=str(tmp_path / "shards"), batch_size=4, num_workers=0, image_size=16,
                               corpus_size=50, retrieval_size=8, shuffle_buffer=8,
-                              tokenizer=partial(train_or_load_bpe, vocab_size=128, cache_dir=str(tmp_path / "tok")))
+                              tokenizer=partial(train_or_load_bpe, vocab_size=128, cache_dir=str(tmp_path / "tok")),
+                              index_dir=str(tmp_path / "index") if indexed else None)
     full = batches(dm)
     read = set()
     members, payload = wds.tar_members, wds.read_payload
 
-    def counted_members(stream, shard):
-        for member in members(stream, shard):
+    def counted_members(stream, shard, seen=None):
+        for member in members(stream, shard, seen):
             read.add(member["fname"].split(".")[0])
             yield member
 
@@ -315,6 +321,8 @@ def test_a_resumed_reader_reads_no_payload_of_the_records_it_replays(tmp_path, m
 
     monkeypatch.setattr(wds, "tar_members", counted_members)
     monkeypatch.setattr(wds, "read_payload", counted_payload)
+    if indexed:  # every shard was read whole, so none has its headers read again
+        monkeypatch.setattr(wds, "tar_entries", lambda *_: pytest.fail("an indexed shard's headers were read"))
     position = StreamPosition(1, 1)
     for batch in full[:6]:  # 24 of 33 records: deep in the last shard, so most are replayed
         position.trained(batch["position"])

@@ -132,3 +132,65 @@ def test_counted_counts_what_it_skipped_and_what_it_yields():
     assert counted.n == 4 and list(islice(counted, 2)) == [4, 5] and counted.n == 6
     short = Counted(iter(range(3)), skip=10)  # a stream that ends before the position
     assert short.n == 3 and list(short) == []
+
+
+def indexed_source(path, tmp_path) -> ShardSource:
+    return ShardSource(str(path), index_dir=str(tmp_path / "index"))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_a_shard_read_whole_is_replayed_from_its_index_without_reading_the_tar(tmp_path, variant, monkeypatch):
+    """Training reads each shard to its end and leaves its index; the replay then yields what the streaming reader
+    yields without a header read. A damaged shard gets no index, and its replay reads headers as before."""
+    path = tmp_path / "00000.tar"
+    shard(path, variant)
+    source = indexed_source(path, tmp_path)
+    streamed = listing(source.records(str(path)))
+    damaged = streamed[-1] == "unreadable_shard"
+    assert source.index_path(str(path)).is_file() != damaged
+    if not damaged:
+        monkeypatch.setattr(wds, "tar_entries", lambda *_: pytest.fail("an indexed shard's headers were read"))
+    for flip in (None, 0, 1, 13, 21, 30):
+        replay = Replay(on=True)
+        assert listing(source.lazy_records(str(path), None, replay), replay, flip) == streamed
+
+
+def test_a_shard_half_read_gets_no_index(tmp_path):
+    path = tmp_path / "00000.tar"
+    shard(path, "webdataset writer")
+    source = indexed_source(path, tmp_path)
+    list(islice(source.records(str(path)), SAMPLES - 1))  # the run stopped before the shard's end
+    assert not source.index_path(str(path)).exists()
+    list(source.records(str(path)))
+    assert source.index_path(str(path)).is_file()
+
+
+def test_an_index_is_only_used_for_the_file_it_was_made_from(tmp_path):
+    """A shard rewritten in place (same name, new records) or touched, and an index file cut short or foreign, all
+    send the replay back to the headers, and it yields the shard as it now is."""
+    path = tmp_path / "00000.tar"
+    shard(path, "webdataset writer")
+    source = indexed_source(path, tmp_path)
+    list(source.records(str(path)))
+    first = source.index_path(str(path))
+    shard(path, "upper case, png, folders")  # new content, new size and time: a new name for its index
+    assert source.index_path(str(path)) != first and source.read_index(str(path)) is None
+    assert listing(source.lazy_records(str(path), None, Replay(on=True))) == listing(ShardSource(str(path))
+                                                                                     .records(str(path)))
+    list(source.records(str(path)))
+    index = source.index_path(str(path))
+    for damage in (index.read_bytes()[:100], b"not an npz", first.read_bytes()):
+        index.write_bytes(damage)
+        assert source.read_index(str(path)) is None
+        assert listing(source.lazy_records(str(path), None, Replay(on=True))) == listing(source.records(str(path)))
+
+
+def test_an_unwritable_index_directory_costs_a_warning_not_the_data(tmp_path, caplog):
+    path = tmp_path / "00000.tar"
+    shard(path, "webdataset writer")
+    (tmp_path / "file").write_text("")
+    source = ShardSource(str(path), index_dir=str(tmp_path / "file" / "index"))  # a file where a folder goes
+    assert len(list(source.records(str(path)))) == SAMPLES
+    assert len(list(source.records(str(path)))) == SAMPLES
+    assert [r.message for r in caplog.records].count(caplog.records[0].message) == 1
+    assert "shard indexes are not kept" in caplog.records[0].message
