@@ -510,15 +510,9 @@ class ShardSource:
         """The index of a shard just read whole, from its members' offsets, grouped as :meth:`lazy_records` groups
         them; written only if that grouping gives the very keys :meth:`records` gave. An index is a cache: if it
         cannot be written, the replay reads headers instead (one warning)."""
-        try:
-            samples = list(_grouped(iter(members), {*self.image_keys, self.caption_key}))
-        except ValueError:
+        spans = self._record_spans(members, keys)
+        if spans is None:
             return
-        if [key for key, _ in samples] != keys:
-            return
-        none, image_keys = (-1, -1), self.image_keys
-        spans = np.array([(*next((sample[k] for k in image_keys if k in sample), none),
-                           *sample.get(self.caption_key, none)) for _, sample in samples], np.int64).reshape(-1, 4)
         blob = np.frombuffer("\0".join(keys).encode("utf-8", "surrogateescape"), np.uint8)
         path = self._index_file(made_from)
         tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")
@@ -532,6 +526,33 @@ class ShardSource:
                 self._warned = True
             with contextlib.suppress(OSError):
                 tmp.unlink()
+
+    def _record_spans(self, members: list, keys: list[str]) -> np.ndarray | None:
+        """``[N, 4]`` image and caption offsets and sizes of a whole shard's records, grouped from ``(name, offset,
+        size)`` members as arrays (:func:`_samples`) or, for odd names, one by one (:func:`_grouped`); None unless
+        the grouping gives ``keys``."""
+        if not members:
+            return np.zeros((0, 4), np.int64) if not keys else None
+        names = [name.encode("utf-8", "surrogateescape") for name, _, _ in members]
+        width = max(map(len, names))
+        offsets, sizes = (np.array(column, np.int64) for column in list(zip(*members))[1:])
+        run = Run(np.frombuffer(b"".join(n.ljust(width, b"\0") for n in names), np.uint8).reshape(-1, width),
+                  np.array(list(map(len, names))), offsets, sizes)
+        grouped = _samples(run, self.image_keys, self.caption_key) if b"\0" not in b"".join(names) else None
+        if grouped is not None:
+            if grouped.keys != keys:
+                return None
+            images, captions = np.array(grouped.images), np.array(grouped.captions)
+            return np.stack([*_spans(run, images), *_spans(run, captions)], 1)
+        try:
+            samples = list(_grouped(iter(members), {*self.image_keys, self.caption_key}))
+        except ValueError:
+            return None
+        if [key for key, _ in samples] != keys:
+            return None
+        none, image_keys = (-1, -1), self.image_keys
+        return np.array([(*next((sample[k] for k in image_keys if k in sample), none),
+                          *sample.get(self.caption_key, none)) for _, sample in samples], np.int64).reshape(-1, 4)
 
     def read_index(self, shard: str) -> Index | None:
         """The shard's index, if one was made from this very file; None otherwise, or if it cannot be read (a
