@@ -245,6 +245,10 @@ def cooldown_beyond_the_run(cfg: DictConfig) -> bool:
     return _is_int(steps) and _is_int(run) and 0 < run < steps  # a run of no steps is trainer.max_steps's error
 
 
+def cooldown_under_cosine(cfg: DictConfig) -> bool:
+    return OmegaConf.select(cfg, "module.schedule") == "cosine"
+
+
 def uses_bpe(cfg: DictConfig) -> bool:
     return str(OmegaConf.select(cfg, "data.tokenizer._target_", default="")).endswith(".train_or_load_bpe")
 
@@ -319,6 +323,8 @@ RULES: list[tuple[str, Rule]] = [
     ("module.head_lr", or_null(above(0))),
     ("module.schedule", one_of("cosine", "constant")),
     ("module.cooldown_steps", Rule(lambda v: False, "at most trainer.max_steps", cooldown_beyond_the_run)),
+    ("module.cooldown_steps", Rule(lambda v: v == 0, "0 under module.schedule=cosine (cosine cools down by itself; "
+                                   "set module.schedule=constant)", cooldown_under_cosine)),
     ("module.cooldown_steps", COUNT),
     # trainer
     ("trainer.max_steps", SIZE),                # -1 (Lightning's "no limit") would never end: the stream is endless

@@ -248,14 +248,17 @@ def test_fit_clips_under_accumulation_where_lightning_would_refuse_the_setting(t
     ("module.layer_decay=1.2", "module.layer_decay=1.2: must be a number in (0, 1]"),
     ("module.head_lr=0", "module.head_lr=0.0: must be a number > 0 or null"),
     ("module.schedule=linear", "module.schedule=linear: must be cosine or constant"),
-    ("module.cooldown_steps=-1", "module.cooldown_steps=-1: must be an integer >= 0"),
-    ("module.cooldown_steps=2001", "module.cooldown_steps=2001: must be at most trainer.max_steps"),
+    ("module.schedule=constant module.cooldown_steps=-1", "module.cooldown_steps=-1: must be an integer >= 0"),
+    ("module.schedule=constant module.cooldown_steps=2001",
+     "module.cooldown_steps=2001: must be at most trainer.max_steps"),
+    ("module.cooldown_steps=10", "module.cooldown_steps=10: must be 0 under module.schedule=cosine (cosine cools "
+                                 "down by itself; set module.schedule=constant)"),
     ("trainer.gradient_clip_val=0", "trainer.gradient_clip_val=0.0: must be a number > 0 or null"),
     ("trainer.gradient_clip_algorithm=l2", "trainer.gradient_clip_algorithm=l2: must be norm or value or null"),
 ])
 def test_bad_knob_values_are_refused_in_one_line(override, message):
     with pytest.raises(UsageError) as err:
-        compose_config([override])
+        compose_config(override.split())
     assert str(err.value) == message
 
 
