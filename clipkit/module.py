@@ -84,7 +84,7 @@ class ClipKitModule(L.LightningModule):
     state stay as they were, and ``train/nonfinite_steps`` counts it; ``max_nonfinite_steps`` in a row stop the run
     with :class:`~clipkit.errors.TrainingDiverged`, the last checkpoint still holding good weights.
 
-    Fine-tuning knobs (README, "Optimisation"), each off by default: ``layer_decay`` d < 1 multiplies the learning
+    Fine-tuning knobs (README, "Optimiser knobs for fine-tuning"), each off by default: ``layer_decay`` d < 1 multiplies the learning
     rate of tower layer ``i`` of ``L`` by ``d ** (L + 1 - i)`` (:func:`clipkit.optim.layer_scales`); ``head_lr`` is
     the learning rate of the objective's :meth:`~clipkit.objectives.Objective.new_heads`; ``schedule=constant``
     holds the learning rate after warm-up and cools it down linearly to zero over the last ``cooldown_steps``.

@@ -266,3 +266,11 @@ def test_fine_tuning_values_are_accepted():
     cfg = compose_config(["module.layer_decay=0.75", "module.head_lr=1e-3", "module.schedule=constant",
                           "module.cooldown_steps=400", "trainer.gradient_clip_val=1.0"])
     assert cfg.module.layer_decay == 0.75 and cfg.module.cooldown_steps == 400
+
+
+def test_module_finetune_turns_the_knobs_on_and_cools_down_over_the_last_fifth(tiny_cfg):
+    cfg = tiny_cfg("module=finetune", "model/image=vit_tiny", "trainer.max_steps=50")
+    assert cfg.module.cooldown_steps == 10 and cfg.module.layer_decay == 0.75 and cfg.module.schedule == "constant"
+    module = instantiate(cfg.module)
+    assert module.layer_scales and module.cooldown_steps == 10
+    assert compose_config(["module=finetune", "module.cooldown_steps=7"]).module.cooldown_steps == 7
