@@ -2,18 +2,21 @@
 constant-with-cool-down, gradient clipping with and without accumulation; their defaults leave training as it was."""
 
 import re
+from pathlib import Path
 from types import SimpleNamespace
 
 import lightning as L
 import pytest
 import torch
 from hydra.utils import instantiate
+from torch import nn
 from torch.utils.data import DataLoader
 
 from clipkit.config import compose_config
 from clipkit.errors import UsageError
 from clipkit.module import decay_groups, no_decay_names
-from clipkit.optim import warmup_constant_cooldown
+from clipkit.models.locking import LockableTower
+from clipkit.optim import layer_ids, warmup_constant_cooldown
 from clipkit.train import fit
 from tests.conftest import random_batch
 
@@ -274,3 +277,39 @@ def test_module_finetune_turns_the_knobs_on_and_cools_down_over_the_last_fifth(t
     module = instantiate(cfg.module)
     assert module.layer_scales and module.cooldown_steps == 10
     assert compose_config(["module=finetune", "module.cooldown_steps=7"]).module.cooldown_steps == 7
+
+
+@pytest.mark.slow  # two short fits: ~30 s on 2 shared cores
+def test_a_fine_tuning_run_resumes_bitwise_with_every_knob_on(tiny_cfg):
+    """Layer-decayed groups, the constant-with-cool-down scheduler (restored from the checkpoint, mid cool-down)
+    and clipping: the resumed run ends where the uninterrupted one does."""
+    from tests.test_resume import CHECKPOINTS, RANDOM, assert_bitwise_equal, weights
+
+    run = [*CHECKPOINTS, *RANDOM, "module.layer_decay=0.75", "module.schedule=constant", "module.cooldown_steps=5",
+           "trainer.gradient_clip_val=0.5", "model/image=vit_tiny", "model.image.depth=2"]
+    full = fit(tiny_cfg(*run))
+    middle = Path(full.checkpoint).parent / "step0000004.ckpt"
+    resumed = fit(tiny_cfg(*run, f"resume={middle}"))
+    assert resumed.run_id == full.run_id
+    assert_bitwise_equal(weights(resumed.checkpoint), weights(full.checkpoint))
+
+
+# -- the layer rule on a CNN-like tower --------------------------------------------------------------------------
+class Staged(LockableTower):
+    """stem, stage 1 (two blocks), a down-sampling between stages, stage 2 (one block), a final norm."""
+
+    def __init__(self):
+        super().__init__()
+        block = lambda: nn.Linear(2, 2)  # noqa: E731
+        self.model = nn.Sequential(nn.Linear(2, 2), nn.Sequential(block(), block()), nn.Linear(2, 2),
+                                   nn.Sequential(block()), nn.LayerNorm(2))
+
+    def blocks(self):
+        return [*self.model[1], *self.model[3]]
+
+
+def test_a_parameter_between_two_blocks_belongs_to_the_block_it_feeds():
+    ids, depth = layer_ids(Staged())
+    assert depth == 3
+    assert {name.rsplit(".", 1)[0]: i for name, i in ids.items()} == {
+        "model.0": 0, "model.1.0": 1, "model.1.1": 2, "model.2": 3, "model.3.0": 3, "model.4": 4}
