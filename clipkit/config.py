@@ -41,6 +41,8 @@ def scene_classes(holdout_pairs):
 
 
 OmegaConf.register_new_resolver("scene_classes", scene_classes, replace=True)
+# a share of a run in steps (``${steps_share:0.2,${trainer.max_steps}}``): module/finetune's cool-down
+OmegaConf.register_new_resolver("steps_share", lambda share, steps: round(float(share) * int(steps)), replace=True)
 
 def suggest(name: str, options: list[str]) -> str:
     close = difflib.get_close_matches(name, options, n=1, cutoff=0.5)

@@ -1,4 +1,5 @@
-"""The LightningModule: an objective (towers + loss), AdamW with the paper's decay rule, warm-up + cosine."""
+"""The LightningModule: an objective (towers + loss), AdamW with the paper's decay rule, warm-up + cosine or
+constant with cool-down, the fine-tuning knobs (layer-wise lr decay, a head lr, gradient clipping)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from transformers import PreTrainedModel
 
 from clipkit.errors import TrainingDiverged
 from clipkit.objectives import Objective
+from clipkit.optim import layer_scales, param_groups, scale_learning_rates, warmup_constant_cooldown
 from clipkit.resume import gather_objects, rng_states, set_rng_states
 
 log = logging.getLogger(__name__)
@@ -45,12 +47,7 @@ def no_decay_names(model: nn.Module) -> set[str]:
 def decay_groups(model: nn.Module, weight_decay: float, exempt: set[str] | None = None) -> list[dict]:
     """AdamW's two parameter groups: decoupled weight decay on every weight, none on the names in ``exempt``
     (default: :func:`no_decay_names` of ``model`` as it is now)."""
-    exempt = no_decay_names(model) if exempt is None else exempt
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (no_decay if name in exempt else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return param_groups(model, weight_decay, no_decay_names(model) if exempt is None else exempt)
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int,
@@ -61,6 +58,13 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_ste
         LinearLR(optimizer, start_factor=start_factor, total_iters=warmup_steps),
         CosineAnnealingLR(optimizer, T_max=max(1, total_steps - warmup_steps)),
     ], milestones=[warmup_steps])
+
+
+# module.schedule -> (optimizer, warmup_steps, total_steps, cooldown_steps) -> per-step scheduler
+SCHEDULES = {
+    "cosine": lambda opt, warmup, total, cooldown: warmup_cosine(opt, warmup, total),
+    "constant": warmup_constant_cooldown,
+}
 
 
 class ClipKitModule(L.LightningModule):
@@ -79,11 +83,19 @@ class ClipKitModule(L.LightningModule):
     A step whose gradients hold a NaN or an infinity (on any process) is skipped: the parameters and the optimiser
     state stay as they were, and ``train/nonfinite_steps`` counts it; ``max_nonfinite_steps`` in a row stop the run
     with :class:`~clipkit.errors.TrainingDiverged`, the last checkpoint still holding good weights.
+
+    Fine-tuning knobs (README, "Optimiser knobs for fine-tuning"), each off by default: ``layer_decay`` d < 1 multiplies the learning
+    rate of tower layer ``i`` of ``L`` by ``d ** (L + 1 - i)`` (:func:`clipkit.optim.layer_scales`); ``head_lr`` is
+    the learning rate of the objective's :meth:`~clipkit.objectives.Objective.new_heads`; ``schedule=constant``
+    holds the learning rate after warm-up and cools it down linearly to zero over the last ``cooldown_steps``.
+    Gradient clipping is the trainer's ``gradient_clip_val``; under ``accumulate>1`` (manual optimisation, where
+    Lightning refuses it) the module clips itself: :meth:`clip_manually`.
     """
 
     def __init__(self, objective: Objective, optimizer: Callable[..., torch.optim.Optimizer],
                  weight_decay: float = 0.2, warmup_steps: int = 2000, accumulate: int = 1,
-                 compile: bool = False, max_nonfinite_steps: int = 20) -> None:
+                 compile: bool = False, max_nonfinite_steps: int = 20, layer_decay: float = 1.0,
+                 head_lr: float | None = None, schedule: str = "cosine", cooldown_steps: int = 0) -> None:
         super().__init__()
         self.objective = objective
         self.optimizer_factory = optimizer
@@ -101,6 +113,12 @@ class ClipKitModule(L.LightningModule):
         # decided now, on whole parameters: a sharding strategy may have flattened or split them by the time
         # configure_optimizers runs
         self.no_decay = no_decay_names(objective)
+        self.layer_scales = layer_scales(objective, layer_decay)  # by name, for the same reason
+        self.heads, self.head_lr = objective.new_heads(), head_lr
+        if schedule not in SCHEDULES:
+            raise ValueError(f"unknown module.schedule={schedule!r}: choose from {', '.join(SCHEDULES)}")
+        self.schedule, self.cooldown_steps = schedule, cooldown_steps
+        self.manual_clip: tuple[float, str] | None = None  # (value, algorithm): see clip_manually
         self.register_buffer("images_seen", torch.zeros((), dtype=torch.long), persistent=True)
         self.run_info: dict = {}  # set by fit(): resolved config, tokenizer, MLflow run; saved in every checkpoint
         self._resumed_rng: list | None = None
@@ -166,6 +184,8 @@ class ClipKitModule(L.LightningModule):
         finite = not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
         if not self.trainer.strategy.reduce_boolean_decision(not finite, all=False):  # every rank decides alike
             self.nonfinite_in_a_row = 0
+            if self.manual_clip is not None:  # after the check: clipping a non-finite norm would spread NaN
+                self.clip_gradients(optimizer, *self.manual_clip)
             return
         for p in self.parameters():
             p.grad = None
@@ -180,6 +200,15 @@ class ClipKitModule(L.LightningModule):
                 f"the loss or gradients were non-finite for {self.nonfinite_in_a_row} steps in a row (up to step "
                 f"{self.trainer.global_step}, {self.nonfinite_steps} in all): lower module.optimizer.lr, lengthen "
                 f"module.warmup_steps, or use precision=bf16-mixed rather than 16-mixed; last checkpoint: {last}")
+
+    def clip_manually(self, gradient_clip_val: float | None, gradient_clip_algorithm: str | None) -> dict:
+        """Take over ``trainer.gradient_clip_val`` when Lightning will not clip: under manual optimisation
+        (``accumulate>1``) it refuses the setting. Returns the trainer arguments that replace the config's (none
+        under automatic optimisation, where Lightning clips after :meth:`on_before_optimizer_step`, as here)."""
+        if self.automatic_optimization or not gradient_clip_val:
+            return {}
+        self.manual_clip = (gradient_clip_val, gradient_clip_algorithm or "norm")
+        return {"gradient_clip_val": None}
 
     def _accumulated_step(self, batch, gather):
         """One optimiser step over ``batch`` in ``accumulate`` backward passes (Lightning's manual optimisation:
@@ -207,9 +236,11 @@ class ClipKitModule(L.LightningModule):
         self.objective.after_optimizer_step()
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(decay_groups(self.objective, self.weight_decay, self.no_decay))
+        optimizer = self.optimizer_factory(param_groups(self.objective, self.weight_decay, self.no_decay,
+                                                        self.layer_scales, self.heads, self.head_lr))
+        scale_learning_rates(optimizer)
         total = self.trainer.estimated_stepping_batches
         if total == float("inf"):
             raise ValueError("the learning-rate schedule needs a finite run: set trainer.max_steps")
-        scheduler = warmup_cosine(optimizer, self.warmup_steps, int(total))
+        scheduler = SCHEDULES[self.schedule](optimizer, self.warmup_steps, int(total), self.cooldown_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -91,6 +91,10 @@ class ModuleSchema:
     accumulate: int = MISSING
     compile: bool = MISSING
     max_nonfinite_steps: int = MISSING
+    layer_decay: float = MISSING
+    head_lr: Optional[float] = MISSING
+    schedule: str = MISSING
+    cooldown_steps: int = MISSING
 
 
 @dataclass
@@ -99,6 +103,7 @@ class TrainerSchema:
     max_epochs: Optional[int] = MISSING
     log_every_n_steps: int = MISSING
     gradient_clip_val: Optional[float] = MISSING
+    gradient_clip_algorithm: Optional[str] = MISSING
     enable_progress_bar: bool = MISSING
     enable_model_summary: bool = MISSING
 
@@ -235,6 +240,15 @@ def existing_paths() -> Rule:
                 "a list of existing folders")
 
 
+def cooldown_beyond_the_run(cfg: DictConfig) -> bool:
+    steps, run = OmegaConf.select(cfg, "module.cooldown_steps"), OmegaConf.select(cfg, "trainer.max_steps")
+    return _is_int(steps) and _is_int(run) and 0 < run < steps  # a run of no steps is trainer.max_steps's error
+
+
+def cooldown_under_cosine(cfg: DictConfig) -> bool:
+    return OmegaConf.select(cfg, "module.schedule") == "cosine"
+
+
 def uses_bpe(cfg: DictConfig) -> bool:
     return str(OmegaConf.select(cfg, "data.tokenizer._target_", default="")).endswith(".train_or_load_bpe")
 
@@ -305,13 +319,21 @@ RULES: list[tuple[str, Rule]] = [
     ("module.weight_decay", not_below(0)),
     ("module.warmup_steps", COUNT),
     ("module.max_nonfinite_steps", SIZE),
+    ("module.layer_decay", within(0, 1, "(]")),   # 1: off
+    ("module.head_lr", or_null(above(0))),
+    ("module.schedule", one_of("cosine", "constant")),
+    ("module.cooldown_steps", Rule(lambda v: False, "at most trainer.max_steps", cooldown_beyond_the_run)),
+    ("module.cooldown_steps", Rule(lambda v: v == 0, "0 under module.schedule=cosine (cosine cools down by itself; "
+                                   "set module.schedule=constant)", cooldown_under_cosine)),
+    ("module.cooldown_steps", COUNT),
     # trainer
     ("trainer.max_steps", SIZE),                # -1 (Lightning's "no limit") would never end: the stream is endless
     ("trainer.max_epochs", or_null(one_of(-1, rule=SIZE))),  # -1: no limit (max_steps ends the run)
     ("trainer.log_every_n_steps", SIZE),
     ("trainer.devices", one_of("auto", rule=SIZE)),
     ("trainer.num_nodes", SIZE),
-    ("trainer.gradient_clip_val", or_null(not_below(0))),
+    ("trainer.gradient_clip_val", or_null(above(0))),
+    ("trainer.gradient_clip_algorithm", or_null(one_of("norm", "value"))),
     ("trainer.accumulate_grad_batches", SIZE),
     # callbacks (0: off)
     ("callbacks.*.every_n_steps", COUNT),

@@ -178,7 +178,9 @@ def fit(cfg: DictConfig, preset: str | None = None) -> FitResult:
     tags = {**run_tags(cfg, preset, module.objective.arm), **record.tags, **job.tags}
     name = cfg.logger.get("run_name") or job.name if records else None
     loggers = [instantiate(cfg.logger, tags=tags, run_id=run_id, run_name=name)] if records else []
-    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False)
+    # Lightning refuses gradient_clip_val under manual optimisation (accumulate>1): the module then clips itself
+    clip = module.clip_manually(cfg.trainer.get("gradient_clip_val"), cfg.trainer.get("gradient_clip_algorithm"))
+    trainer: L.Trainer = instantiate(cfg.trainer, callbacks=callbacks, logger=loggers or False, **clip)
     module.run_info = {"config": record.config_yaml, "tokenizer": tokenizer_json(tokenizer),
                        "tokenizer_specials": json.dumps(special_tokens(tokenizer))}
     for logger in trainer.loggers:  # fast_dev_run swaps loggers for a dummy

@@ -98,5 +98,10 @@ class Objective(nn.Module, ABC):
             f"accumulate>1 is implemented for batch-coupled (contrastive) objectives; {type(self).__name__}'s loss is "
             f"per sample, so use trainer.accumulate_grad_batches for it")
 
+    def new_heads(self) -> list[str]:
+        """Prefixes of parameter names (relative to the objective) of heads that fine-tuning adds rather than
+        loads: they take ``module.head_lr`` and no layer-wise decay. None by default."""
+        return []
+
     def after_optimizer_step(self) -> None:
         """Hook for in-place parameter constraints after each optimiser step (e.g. clamping)."""
