@@ -30,7 +30,9 @@ TARGETS: dict[str, str | list[str]] = {
     # embedding (also named ``proj``) stay as they are
     "timm ViT": r"blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(fc1|fc2))",
     "CLIP text transformer": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
-    "BERT-like text transformer": ["query", "key", "value", "dense"],  # MiniLM; attention and MLP outputs: dense
+    # MiniLM: query/key/value and the dense layers of the encoder (the attention and MLP outputs), not a pooler's
+    "BERT-like text transformer":
+        r"(.*\.)?encoder\.layer\.\d+\.(attention\.(self\.(query|key|value)|output\.dense)|intermediate\.dense|output\.dense)",
 }
 BERT_LIKE = ("bert", "roberta", "xlm-roberta", "electra", "camembert")
 
