@@ -19,7 +19,7 @@ from clipkit.config import compose_config
 from clipkit.errors import UsageError
 from clipkit.evaluate import build, load_checkpoint
 from clipkit.models import BagOfWordsTower, ImageTower, TextTower
-from clipkit.models.lora import base_key, is_adapter_key, merge_adapters, without_lora
+from clipkit.models.lora import base_key, is_adapter_key, merge_adapters, merged_weights, without_lora
 from clipkit.module import decay_groups
 from clipkit.train import fit
 from tests.conftest import random_batch
@@ -171,6 +171,24 @@ def test_merging_folds_the_adapters_into_plain_layers_with_the_same_embeddings(t
     plain.load_state_dict(state)  # strict: same names, same shapes
 
 
+def test_the_final_weights_are_merged_in_the_runs_precision_under_a_config_without_adapters(tiny_cfg):
+    """What callbacks/export.py writes as model.safetensors for a LoRA run (here a float64 one)."""
+    cfg = tiny_cfg(*BOTH)
+    module = with_random_adapters(instantiate(cfg.module)).double()
+    info = {"config": OmegaConf.to_yaml(cfg, resolve=True), "tokenizer": "{}"}
+    state, merged_info = merged_weights(module.state_dict(), info)
+    assert not any(is_adapter_key(k) or ".base_layer." in k for k in state)
+    assert {v.dtype for v in state.values() if v.is_floating_point()} == {torch.float64}
+    config = OmegaConf.create(merged_info["config"])
+    assert config.model.image.lora.r == config.model.text.lora.r == 0 and merged_info["tokenizer"] == "{}"
+    images = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    plain = instantiate(config.module).double().eval()
+    plain.load_state_dict(state)
+    with torch.no_grad():
+        assert torch.allclose(plain.objective.encode_image(images), module.eval().objective.encode_image(images),
+                              atol=1e-10)
+
+
 # -- whole runs ----------------------------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_a_lora_fit_checkpoints_adapters_and_exports_them_merged(tiny_cfg, isolated):
@@ -183,6 +201,8 @@ def test_a_lora_fit_checkpoints_adapters_and_exports_them_merged(tiny_cfg, isola
     assert any(is_adapter_key(k) for k in ckpt["state_dict"])
     unmerged = build(ckpt, stored, merge=False)
     assert any(p.abs().sum() > 0 for n, p in unmerged.named_parameters() if ".lora_B." in n)  # they trained
+    trainable = sum(p.requires_grad for p in unmerged.parameters())  # adapters and heads: AdamW's state, no more
+    assert len(ckpt["optimizer_states"][0]["state"]) == trainable < len(list(unmerged.parameters())) / 2
 
     with safe_open(result.weights, framework="pt") as f:
         assert not any("lora" in k or "base_layer" in k for k in f.keys())

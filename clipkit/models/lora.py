@@ -143,6 +143,9 @@ def merged_weights(state_dict: dict, info: dict) -> tuple[dict, dict]:
 
     cfg = OmegaConf.create(info["config"])
     module = instantiate(cfg.module)
+    dtype = next((v.dtype for v in state_dict.values() if v.is_floating_point()), None)
+    if dtype is not None:
+        module.to(dtype)  # merge and export in the run's own precision (64-true stays float64, bf16-true bf16)
     module.load_state_dict(state_dict)
     merge_adapters(module)
     return module.state_dict(), {**info, "config": OmegaConf.to_yaml(without_lora(cfg))}
