@@ -86,8 +86,11 @@ def add_lora(model: nn.Module, lora: Mapping | None, key: str, locked: bool = Fa
             raise ValueError(f"{key}.lora: no default LoRA layers for a {type(model).__name__} tower (clipkit knows "
                              f"{', '.join(TARGETS)}); name the layers to adapt with {key}.lora.target_modules=[...]")
         targets = TARGETS[kind]
-    from peft import LoraConfig, inject_adapter_in_model
-
+    try:
+        from peft import LoraConfig, inject_adapter_in_model
+    except ImportError:
+        raise ValueError(f"{key}.lora.r={r} needs the peft package: pip install peft==0.21.2 (make install adds it)"
+                         ) from None
     config = LoraConfig(r=int(r), lora_alpha=float(lora.get("alpha", 16)), lora_dropout=float(lora.get("dropout", 0.0)),
                         target_modules=targets)
     try:
