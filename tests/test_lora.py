@@ -237,7 +237,7 @@ def test_a_lora_fit_checkpoints_adapters_and_exports_them_merged(tiny_cfg, isola
 @pytest.mark.slow
 def test_resuming_a_lora_run_continues_its_adapters_exactly(tiny_cfg):
     run = [*BOTH, "trainer.max_steps=4", "callbacks.checkpoint.every_n_train_steps=2",
-           "callbacks.checkpoint.save_top_k=-1", "+model.text.config.attention_dropout=0.2"]
+           "callbacks.checkpoint.save_top_k=-1", "+model.text.config.attention_dropout=0.2", "model.text.lora.dropout=0.1"]
     full = fit(tiny_cfg(*run))
     expected = torch.load(full.checkpoint, weights_only=True)["state_dict"]
     middle = Path(full.checkpoint).parent / "step0000002.ckpt"
