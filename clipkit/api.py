@@ -1,7 +1,8 @@
 """Inference in three calls: ``model = clipkit.load(PATH)``, then ``model.classify(images, labels)``, or
 ``encode_image`` / ``encode_text`` for the joint embedding space.
 
-``PATH`` is anything ``clipkit fit`` or ``clipkit import`` wrote: a checkpoint or a ``.safetensors`` export. Images
+``PATH`` is anything ``clipkit fit`` or ``clipkit import`` wrote: a checkpoint or a ``.safetensors`` export (LoRA
+adapters merged into the towers, so no peft is needed to use it). Images
 are prepared exactly as the run's evaluation saw them (resize the shorter side, centre crop, normalise).
 """
 
@@ -108,6 +109,7 @@ def checkpoint_tokenizer(ckpt: dict, stored):
 def load(path: str | Path, device: str = "cpu", batch_size: int = 64) -> ClipModel:
     """The model in a checkpoint or ``.safetensors`` written by ``clipkit fit`` or ``clipkit import``."""
     from clipkit.evaluate import build, load_checkpoint
+    from clipkit.models.lora import without_lora
 
-    ckpt, stored = load_checkpoint(path)
-    return ClipModel(build(ckpt, stored), stored, checkpoint_tokenizer(ckpt, stored), device, batch_size)
+    ckpt, stored = load_checkpoint(path)  # LoRA adapters come merged: the model is one without them
+    return ClipModel(build(ckpt, stored), without_lora(stored), checkpoint_tokenizer(ckpt, stored), device, batch_size)

@@ -25,10 +25,16 @@ def load_checkpoint(path: str | Path) -> tuple[dict, DictConfig]:
     return ckpt, OmegaConf.create(info["config"])
 
 
-def build(ckpt: dict, stored: DictConfig):
-    """The trained ``ClipKitModule`` from the stored config and weights."""
+def build(ckpt: dict, stored: DictConfig, merge: bool = True):
+    """The trained ``ClipKitModule`` from the stored config and weights. LoRA adapters are merged into their base
+    layers (``merge=False`` keeps them, with the checkpoint's names): the model then has the names and layers of one
+    built with ``lora.r=0`` (:func:`clipkit.models.lora.without_lora` of ``stored``), and needs no peft."""
+    from clipkit.models.lora import merge_adapters
+
     module = instantiate(stored.module)
     module.load_state_dict(ckpt["state_dict"])
+    if merge:
+        merge_adapters(module)
     return module.eval()
 
 

@@ -258,6 +258,19 @@ def bpe_id(name: str, token_id: int) -> Rule:
     return Rule(lambda v: v == token_id, f"{token_id}, the {name} id of clipkit's BPE (data/tokenizer=bpe)", uses_bpe)
 
 
+def adapted(tower: str) -> Callable[[DictConfig], bool]:
+    """Whether ``tower`` (``model.image``) has LoRA adapters (``lora.r > 0``)."""
+    return lambda cfg: _is_int(r := OmegaConf.select(cfg, f"{tower}.lora.r", default=0)) and r > 0
+
+
+def not_locked_with_lora(tower: str) -> Rule:
+    """LoRA freezes a tower's weights itself (clipkit.models.lora): a locked tower would have nothing to adapt."""
+    return Rule(lambda v: v is not True,
+                f"false while {tower}.lora.r > 0 (LoRA freezes the tower's weights itself and trains only its "
+                f"adapters): drop {tower}.locked=true, or set {tower}.lora.r=0 to keep the tower locked",
+                adapted(tower))
+
+
 SIZE = at_least(1)
 COUNT = at_least(0)
 SEED = or_null(at_least(0))
@@ -304,6 +317,10 @@ RULES: list[tuple[str, Rule]] = [
     ("*.eos_token_id", bpe_id("end", 2)),
     ("*_token_id", TOKEN_ID),
     ("*.unlocked_layers", COUNT),
+    ("model.image.locked", not_locked_with_lora("model.image")),
+    ("model.text.locked", not_locked_with_lora("model.text")),
+    ("*.lora.r", COUNT),                            # 0: no adapters
+    ("*.lora.alpha", above(0)),
     ("*dropout*", within(0, 1)),
     ("*drop_rate", within(0, 1)),
     *((f"*.{name}", SIZE) for name in (

@@ -6,6 +6,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from clipkit.models.lora import add_lora
+
 
 def word_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """``attention_mask [B, L]`` without its first and last real positions: the start and end tokens that
@@ -21,16 +23,18 @@ def word_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 class BagOfWordsTower(nn.Module):
     """``input_ids, attention_mask [B, L] -> [B, width]``: the mean of the caption's word embeddings.
 
-    Order-free by construction: the same words in any order give the same feature.
+    Order-free by construction: the same words in any order give the same feature. LoRA has no default layers
+    here (the tower is one embedding table): ``lora.r > 0`` needs ``lora.target_modules=[embedding]``.
     """
 
     kind = "bag of words"
 
-    def __init__(self, vocab_size: int, width: int = 128) -> None:
+    def __init__(self, vocab_size: int, width: int = 128, lora: dict | None = None) -> None:
         super().__init__()
         self.vocab_size, self.width = vocab_size, width
         self.embedding = nn.Embedding(vocab_size, width)
         nn.init.normal_(self.embedding.weight, std=0.02)
+        self.adapted = add_lora(self, lora, "model.text")
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         mask = word_mask(attention_mask).unsqueeze(-1).to(self.embedding.weight.dtype)

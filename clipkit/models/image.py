@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from clipkit.models.locking import LockableTower
+from clipkit.models.lora import add_lora
 
 
 def create_timm_model(name: str, **kwargs) -> nn.Module:
@@ -49,10 +50,11 @@ class ImageTower(LockableTower):
     Keyword arguments go to the timm constructor unchanged (``img_size``, ``patch_size``, ``depth``...),
     so every timm model is usable without a wrapper per family. ``tokens`` gives the unpooled grid
     ``[B, N, token_width]`` for objectives that attend over the image (the caption decoder).
+    ``lora`` (``{r, alpha, dropout, target_modules}``, r=0: off) adds LoRA adapters (:mod:`clipkit.models.lora`).
     """
 
     def __init__(self, name: str, grad_checkpointing: bool = False, locked: bool = False, unlocked_layers: int = 0,
-                 **kwargs) -> None:
+                 lora: dict | None = None, **kwargs) -> None:
         super().__init__()
         self.name = name
         self.model = create_timm_model(name, **kwargs)
@@ -62,6 +64,7 @@ class ImageTower(LockableTower):
         self.token_width = self.model.num_features
         if grad_checkpointing:
             self.model.set_grad_checkpointing(True)
+        self.adapted = add_lora(self.model, lora, "model.image", locked)
         if locked:
             self.lock(unlocked_layers)
 

@@ -10,6 +10,7 @@ from torch import nn
 from transformers import AutoModel, PretrainedConfig, PreTrainedModel
 
 from clipkit.models.locking import LockableTower
+from clipkit.models.lora import add_lora
 
 POOLINGS = ("eos", "cls", "mean")
 
@@ -42,13 +43,15 @@ class TextTower(LockableTower):
 
     ``eos`` pooling (the paper's) reads the last non-padding position, located from ``attention_mask``
     rather than from ``config.eos_token_id``: transformers' CLIP default (49407) lies outside a small
-    vocabulary, and its own pooler then silently reads position 0.
+    vocabulary, and its own pooler then silently reads position 0. ``lora`` (``{r, alpha, dropout,
+    target_modules}``, r=0: off) adds LoRA adapters (:mod:`clipkit.models.lora`).
     """
 
     kind = "transformer"
 
     def __init__(self, config: PretrainedConfig | None = None, pooling: str = "eos", grad_checkpointing: bool = False,
-                 locked: bool = False, unlocked_layers: int = 0, pretrained: str | None = None) -> None:
+                 locked: bool = False, unlocked_layers: int = 0, pretrained: str | None = None,
+                 lora: dict | None = None) -> None:
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"unknown text pooling {pooling!r}: choose from {', '.join(POOLINGS)}")
@@ -62,6 +65,7 @@ class TextTower(LockableTower):
         self.vocab_size = config.vocab_size
         if grad_checkpointing:
             enable_activation_checkpointing(self.model)
+        self.adapted = add_lora(self.model, lora, "model.text", locked)
         if locked:
             self.lock(unlocked_layers)
 
