@@ -16,7 +16,7 @@ import copy
 import hashlib
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
@@ -49,7 +49,6 @@ class Source:
     config: DictConfig
     tokenizer_json: str | None = None
     specials: str | None = None
-    files: list[Path] = field(default_factory=list)  # what the SHA-256 covers
 
     @cached_property
     def sha256(self) -> str:
@@ -185,7 +184,8 @@ def changed_keys(cfg: DictConfig, source: Source, keys: list[str]) -> list[str]:
 def _config_key(tensor: str) -> str:
     """The config key that decides a ``ClipKitModule`` tensor's shape."""
     for prefix, key in (("objective.image_tower.", "model.image"), ("objective.text_tower.", "model.text"),
-                        ("objective.image_proj", "objective.embed_dim"), ("objective.text_proj", "objective.embed_dim")):
+                        ("objective.image_proj", "objective.embed_dim"),
+                        ("objective.text_proj", "objective.embed_dim")):
         if tensor.startswith(prefix):
             return key
     return "objective"

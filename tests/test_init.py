@@ -201,8 +201,8 @@ def test_init_strict_false_loads_what_fits_and_lists_the_rest(source, tiny_cfg, 
 def test_the_command_line_wins_over_the_source_and_the_tokenizer_must_match(source, tiny_cfg):
     _, path = source
     cfg = tiny_cfg(f"init={path}", "model.image.locked=true", "objective.embed_dim=24")
-    with pytest.raises(InitError, match=r"objective.image_proj.weight is \[16, 32\] there but \[24, 32\] here \(\+1 more\): "
-                                        r"you set objective.embed_dim: drop it"):
+    with pytest.raises(InitError, match=r"objective.image_proj.weight is \[16, 32\] there but \[24, 32\] here "
+                                        r"\(\+1 more\): you set objective.embed_dim: drop it"):
         prepare(cfg, overrides=["model.image.locked=true", "objective.embed_dim=24"])
     cfg = tiny_cfg(f"init={path}", "model.image.locked=true", "objective.embed_dim=24")
     run = prepare(cfg, overrides=["model.image.locked=true"])  # embed_dim not set here: the source's
