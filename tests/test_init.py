@@ -24,7 +24,7 @@ from clipkit.tokenization import special_tokens, tokenizer_json
 from clipkit.train import fit, prepare
 from clipkit.weights import export_weights
 from tests.conftest import TINY
-from tests.test_interop import QUICK_GELU_VIT, SMALL_VIT, TEXTS, open_clip_model
+from tests.test_interop import QUICK_GELU_VIT, SMALL_RESNET, SMALL_VIT, TEXTS, open_clip_model
 
 
 def objective_state(module) -> dict[str, torch.Tensor]:
@@ -45,10 +45,11 @@ def source(tiny_cfg, isolated):
     return run.module, export_weights(run.module.state_dict(), info, isolated / "source.safetensors")
 
 
-def test_a_run_from_an_imported_open_clip_model_gives_its_zero_shot_logits_before_training(tiny_cfg, isolated):
+@pytest.mark.parametrize("vision", [SMALL_VIT, SMALL_RESNET], ids=["vit", "resnet"])
+def test_a_run_from_an_imported_open_clip_model_gives_its_zero_shot_logits_before_training(vision, tiny_cfg, isolated):
     """The issue's acceptance test: open_clip (random weights) -> clipkit import -> fit init=; the module fit would
     train gives open_clip's zero-shot logits, its architecture, image size and tokenizer taken from the source."""
-    reference = open_clip_model(SMALL_VIT)
+    reference = open_clip_model(vision)
     torch.save(reference.state_dict(), isolated / "openai.pt")
     imported = import_checkpoint(isolated / "openai.pt", isolated / "imported.safetensors")
     cfg = tiny_cfg(f"init={imported}")
