@@ -46,6 +46,8 @@ class FitSchema:
     seed: Optional[int] = MISSING
     experiment_name: str = MISSING
     resume: Optional[str] = MISSING
+    init: Optional[str] = MISSING
+    init_strict: bool = MISSING
     precision: str = MISSING
     accumulate: int = MISSING
     compile: bool = MISSING
@@ -308,6 +310,8 @@ RULES: list[tuple[str, Rule]] = [
     ("data.mean", each(within(0, 1))),
     ("data.std", each(above(0))),
     ("data.path", existing_path()),
+    ("init", existing_path()),
+    ("model.*.init", existing_path()),
     ("data.retrieval_path", existing_path()),
     ("data.eval_folders", existing_paths()),
     ("data.tokenizer.vocab_size", SIZE),

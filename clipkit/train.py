@@ -19,6 +19,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from transformers import PreTrainedModel
 
 from clipkit.errors import ResumeError
+from clipkit.init import InitError, changed_keys, init_tags, load_init, override_keys
+from clipkit.init import prepare as init_from
 from clipkit.resume import check_config, check_tokenizer, locate, static_root
 from clipkit.sweep import job_run, nest
 from clipkit.tokenization import special_tokens, tokenizer_json
@@ -150,14 +152,36 @@ def selectable(callbacks: list, datamodule) -> list:
     return kept
 
 
-def fit(cfg: DictConfig, preset: str | None = None) -> FitResult:
-    """Instantiate data, model, callbacks, loggers and trainer from ``cfg`` (in that order) and train;
-    with ``cfg.resume``, continue an interrupted run where its checkpoint left it."""
+def command_line(overrides: list[str] | None) -> list[str]:
+    """The keys this run's command line set: ``overrides`` if given, else Hydra's (under the CLI), else none."""
+    if overrides is not None:
+        return list(overrides)
+    return list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else []
+
+
+@dataclass
+class Prepared:
+    """What :func:`fit` builds before it trains: the module holds its ``init`` weights already."""
+
+    datamodule: L.LightningDataModule
+    module: L.LightningModule
+    tokenizer: object
+    resume: Resume | None
+    record: RunRecord
+    init_tags: dict[str, str]
+
+
+def prepare(cfg: DictConfig, overrides: list[str] | None = None) -> Prepared:
+    """Data and module from ``cfg``, started from ``cfg.init`` (see :mod:`clipkit.init`; ``overrides``: the keys
+    the command line set, which the source's architecture does not replace). Every refusal (a source that does not
+    fit, a tokenizer that does not match the text tower) comes from here, before any MLflow run exists."""
+    overrides = command_line(overrides)
+    source = init_from(cfg, overrides)  # its architecture and tokenizer put into cfg
     for name in drop_unused_models(cfg):
         log.info("model.%s is not used by %s: not built, not recorded", name, cfg.objective._target_)
     resume = find_resume(cfg)
+    tags = init_tags(cfg, source)  # hashes read before anything is built: a missing file fails first
     record = RunRecord.of(cfg)
-    job = job_run(cfg, preset)  # its name; in a multirun, the sweep's parent run it nests under
     if cfg.get("seed") is not None:
         L.seed_everything(cfg.seed, workers=True)
     log.info("data: %s", cfg.data._target_)
@@ -167,7 +191,41 @@ def fit(cfg: DictConfig, preset: str | None = None) -> FitResult:
         check_tokenizer(resume.info["tokenizer"], tokenizer, resume.checkpoint)
     log.info("objective: %s", cfg.objective._target_)
     module = instantiate(cfg.module)
-    check_vocabulary(tokenizer, module)
+    try:
+        check_vocabulary(tokenizer, module)
+    except ValueError as err:
+        if source is None:
+            raise
+        raise InitError(f"init={source.path}: {err}") from None
+    if source is not None:
+        check_embedding(tokenizer, module, source)
+        if resume is None:
+            told = changed_keys(cfg, source, override_keys(overrides))
+            load_init(module, source, bool(cfg.get("init_strict", True)), told)
+        else:
+            log.info("resume=%s and init=%s: the run continues from its checkpoint (resume wins)", cfg.resume, cfg.init)
+    return Prepared(datamodule, module, tokenizer, resume, record, tags)
+
+
+def check_embedding(tokenizer, module: L.LightningModule, source) -> None:
+    """A tokenizer other than the source's (``data.tokenizer`` set on the command line) reads the text tower's
+    pretrained embedding rows for other tokens: refused when the module has a text model."""
+    if source.tokenizer_json is None or tokenizer_json(tokenizer) == tokenizer_json(source.tokenizer_json):
+        return
+    for m in module.modules():
+        size = m.config.vocab_size if isinstance(m, PreTrainedModel) else getattr(m, "vocab_size", None)
+        if isinstance(size, int):
+            raise InitError(f"init={source.path}: the tokenizer ({len(tokenizer)} ids) is not the one its text "
+                            f"embedding ({size} rows) was trained with: drop the data.tokenizer override")
+
+
+def fit(cfg: DictConfig, preset: str | None = None, overrides: list[str] | None = None) -> FitResult:
+    """Instantiate data, model, callbacks, loggers and trainer from ``cfg`` (in that order) and train;
+    with ``cfg.resume``, continue an interrupted run where its checkpoint left it; with ``cfg.init``, start a new
+    run from those weights (``overrides``: see :func:`prepare`)."""
+    job = job_run(cfg, preset)  # its name; in a multirun, the sweep's parent run it nests under
+    run = prepare(cfg, overrides)
+    datamodule, module, tokenizer, resume, record = run.datamodule, run.module, run.tokenizer, run.resume, run.record
     callbacks = selectable([instantiate(c) for c in cfg.get("callbacks", {}).values() if c is not None], datamodule)
     # Only the first process records. Under torchrun or SLURM every rank runs this function at once, and merely
     # creating an MLflow client opens (and, for sqlite, creates) the store: ranks would race on it.
@@ -175,7 +233,7 @@ def fit(cfg: DictConfig, preset: str | None = None) -> FitResult:
     if records and cfg.get("resume"):
         mark_dead_runs_of(cfg)
     run_id = continued_run(resume, cfg) if resume is not None and records else None
-    tags = {**run_tags(cfg, preset, module.objective.arm), **record.tags, **job.tags}
+    tags = {**run_tags(cfg, preset, module.objective.arm), **record.tags, **job.tags, **run.init_tags}
     name = cfg.logger.get("run_name") or job.name if records else None
     loggers = [instantiate(cfg.logger, tags=tags, run_id=run_id, run_name=name)] if records else []
     # Lightning refuses gradient_clip_val under manual optimisation (accumulate>1): the module then clips itself

@@ -77,6 +77,7 @@ def _one_line(err: DataError) -> str:
 
 
 def _fit_task(cfg: DictConfig) -> None:
+    from clipkit.init import InitError
     from clipkit.train import fit  # heavy imports only once the command line is known to be good
 
     choices = HydraConfig.get().runtime.choices
@@ -90,7 +91,7 @@ def _fit_task(cfg: DictConfig) -> None:
         raise SystemExit(f"clipkit: error: {type(cause).__name__}: {cause}") from None
     except DataError as err:
         raise SystemExit(f"clipkit: error: {_one_line(err)}") from None
-    except (TrainingDiverged, ResumeError) as err:
+    except (TrainingDiverged, ResumeError, InitError) as err:
         raise SystemExit(f"clipkit: error: {err}") from None
     if result.global_rank == 0:  # every DDP rank trains; one reports
         print_summary(result)

@@ -1,4 +1,4 @@
-"""Export a clipkit model as a Hugging Face ``CLIPModel`` folder: ``CLIPModel.from_pretrained(DIR)`` and
+"""A clipkit model as a Hugging Face ``CLIPModel`` folder and back: ``CLIPModel.from_pretrained(DIR)`` and
 ``pipeline("zero-shot-image-classification", model=DIR)`` load it, with its tokenizer and image processor."""
 
 from __future__ import annotations
@@ -112,3 +112,76 @@ def export_hf(module, stored, tokenizer, out: str | Path) -> tuple[Path, float]:
 def _normalized(features) -> torch.Tensor:
     features = getattr(features, "pooler_output", features)  # transformers 5 may return a model output
     return torch.nn.functional.normalize(features, dim=-1)
+
+
+# timm ViT in CLIP's form (pre-norm, class token, bias-free patches) by layer-norm epsilon: OpenAI's 1e-5, timm's 1e-6
+TIMM_VIT_BY_EPS = {1e-5: "vit_base_patch32_clip_224", 1e-6: "vit_tiny_patch16_224"}
+TEXT_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "max_position_embeddings", "hidden_act", "layer_norm_eps", "pad_token_id", "bos_token_id", "eos_token_id")
+
+
+def hf_clipkit_config(config, tokenizer, folder: Path, mean=None, std=None):
+    """The clipkit run config of a ``CLIPModel``'s ``CLIPConfig`` (the inverse of :func:`export_hf`'s)."""
+    from omegaconf import open_dict
+
+    from clipkit.config import compose_config
+
+    vision, text = config.vision_config, config.text_config
+    name = TIMM_VIT_BY_EPS.get(vision.layer_norm_eps)
+    if name is None or vision.hidden_act not in ("quick_gelu", "gelu"):
+        raise ValueError(f"its vision tower (layer_norm_eps={vision.layer_norm_eps}, {vision.hidden_act}) has no timm "
+                         f"equivalent in clipkit (eps 1e-5 or 1e-6, quick_gelu or gelu)")
+    if len(tokenizer) > text.vocab_size:
+        raise ValueError(f"its tokenizer has {len(tokenizer)} ids, more than its text tower's {text.vocab_size}")
+    image = {"_target_": "clipkit.models.ImageTower", "name": name, "img_size": vision.image_size,
+             "patch_size": vision.patch_size, "embed_dim": vision.hidden_size, "depth": vision.num_hidden_layers,
+             "num_heads": vision.num_attention_heads, "mlp_ratio": vision.intermediate_size / vision.hidden_size,
+             "pre_norm": True, "act_layer": vision.hidden_act}
+    text_config = {"_target_": "transformers.CLIPTextConfig", **{k: getattr(text, k) for k in TEXT_KEYS}}
+    cfg = compose_config([f"data.image_size={vision.image_size}", f"data.context_length={text.max_position_embeddings}",
+                          "experiment_name=imported", f"paths.output_dir={folder.resolve().parent}"])
+    with open_dict(cfg):
+        cfg.model.image = image
+        cfg.model.text = {"_target_": "clipkit.models.TextTower", "pooling": "eos", "config": text_config}
+        cfg.objective.embed_dim = config.projection_dim
+        if mean is not None and std is not None:
+            cfg.data.mean, cfg.data.std = list(mean), list(std)
+        cfg.imported_from = str(folder.resolve())
+    return cfg
+
+
+def read_hf_folder(folder: str | Path):
+    """(``ClipKitModule`` state dict, run config, tokenizer) of a transformers ``CLIPModel`` folder: what
+    :func:`export_hf` writes, or any CLIP ViT saved by transformers. Local files only."""
+    from hydra.utils import instantiate
+    from transformers import CLIPConfig, CLIPModel
+
+    from clipkit.tokenization import pretrained_tokenizer
+
+    folder = Path(folder)
+    try:
+        config = CLIPConfig.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"not a transformers CLIPModel folder ({str(err).splitlines()[0]})") from None
+    tokenizer = pretrained_tokenizer(folder, context_length=config.text_config.max_position_embeddings)
+    processor = folder / "preprocessor_config.json"
+    pre = json.loads(processor.read_text()) if processor.is_file() else {}
+    cfg = hf_clipkit_config(config, tokenizer, folder, pre.get("image_mean"), pre.get("image_std"))
+    state = CLIPModel.from_pretrained(str(folder), local_files_only=True).state_dict()
+    state = {k: v for k, v in state.items() if not k.endswith("position_ids")}
+    weights = convert_for(state, HF_VISION + HF_TEXT, False, instantiate(cfg.module), "the CLIPModel folder",
+                          "a clipkit CLIP model")
+    return weights, cfg, tokenizer
+
+
+def import_hf(folder: str | Path, out: str | Path) -> Path:
+    """A ``CLIPModel`` folder as a self-describing clipkit ``.safetensors`` (as ``clipkit import`` writes)."""
+    from omegaconf import OmegaConf
+
+    from clipkit.tokenization import special_tokens, tokenizer_json
+    from clipkit.weights import export_weights
+
+    weights, cfg, tokenizer = read_hf_folder(folder)
+    info = {"config": OmegaConf.to_yaml(cfg, resolve=True), "tokenizer": tokenizer_json(tokenizer),
+            "tokenizer_specials": json.dumps(special_tokens(tokenizer))}
+    return export_weights(weights, info, out)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import difflib
+import re
+from pathlib import Path
 
 import timm
 import torch
@@ -12,14 +14,30 @@ from clipkit.models.locking import LockableTower
 from clipkit.models.lora import add_lora
 
 
-def create_timm_model(name: str, **kwargs) -> nn.Module:
-    """``timm.create_model`` without a classifier or a download, with a one-line error for a typo."""
+def create_timm_model(name: str, init: str | None = None, **kwargs) -> nn.Module:
+    """``timm.create_model`` without a classifier or a download, with a one-line error for a typo. ``init``: a local
+    weights file, loaded by timm's own mechanism (its checkpoint filters adapt OpenAI's and older layouts) and
+    strictly: a classifier head in the file is dropped, any other misfit is a one-line error naming the tensors."""
     if name not in timm.list_models():
         close = difflib.get_close_matches(name, timm.list_models(), n=1, cutoff=0.6)
         hint = f": did you mean {close[0]}?" if close else " (see timm.list_models())"
         raise ValueError(f"unknown image backbone {name!r}{hint}")
-    # pretrained weights need the hub, which this kit never reaches; local weights come in a later issue
-    return timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+    if init is None:  # timm's own pretrained weights need the hub, which this kit never reaches
+        return timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+    if not Path(init).is_file():
+        raise FileNotFoundError(f"model.image.init={init}: no such weights file")
+    try:  # the file's classes set to 0 as the model's, so timm keeps its load strict
+        return timm.create_model(name, pretrained=True, num_classes=0,
+                                 pretrained_cfg_overlay=dict(file=str(init), num_classes=0), **kwargs)
+    except RuntimeError as err:
+        problems = " ".join(line.strip() for line in str(err).splitlines()[1:])
+        head = re.fullmatch(r'Unexpected key\(s\) in state_dict: ((?:"(?:head|fc|classifier)[^"]*"(?:, )?)+)\.?',
+                            problems)
+        if head is None:
+            raise ValueError(f"model.image.init={init} does not fit {name}: {problems[:300]}") from None
+    # only a classifier head did not fit: timm drops it (and then loads the rest without strictness)
+    return timm.create_model(name, pretrained=True, num_classes=0, pretrained_cfg_overlay=dict(file=str(init)),
+                             **kwargs)
 
 
 def check_patch_grid(model: nn.Module) -> None:
@@ -54,10 +72,10 @@ class ImageTower(LockableTower):
     """
 
     def __init__(self, name: str, grad_checkpointing: bool = False, locked: bool = False, unlocked_layers: int = 0,
-                 lora: dict | None = None, **kwargs) -> None:
+                 lora: dict | None = None, init: str | None = None, **kwargs) -> None:
         super().__init__()
         self.name = name
-        self.model = create_timm_model(name, **kwargs)
+        self.model = create_timm_model(name, init, **kwargs)
         check_patch_grid(self.model)
         # an attention-pool head (CLIP's ResNets) may pool to another width than the feature map's
         self.width = getattr(self.model, "head_hidden_size", None) or self.model.num_features

@@ -51,7 +51,7 @@ class TextTower(LockableTower):
 
     def __init__(self, config: PretrainedConfig | None = None, pooling: str = "eos", grad_checkpointing: bool = False,
                  locked: bool = False, unlocked_layers: int = 0, pretrained: str | None = None,
-                 lora: dict | None = None) -> None:
+                 lora: dict | None = None, init: str | None = None) -> None:
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"unknown text pooling {pooling!r}: choose from {', '.join(POOLINGS)}")
@@ -59,6 +59,10 @@ class TextTower(LockableTower):
             raise ValueError("a text tower needs either model.text.config (built from scratch) or "
                              "model.text.pretrained=DIR (a local Hugging Face model directory), not both")
         self.model = load_pretrained_model(pretrained) if pretrained else AutoModel.from_config(config)
+        if init:  # the config's architecture, these weights (strictly)
+            from clipkit.init import load_tower
+
+            load_tower(self.model, init, "objective.text_tower.model.", "model.text.init")
         config = self.model.config
         self.pooling = pooling
         self.width = config.hidden_size
