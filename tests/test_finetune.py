@@ -126,3 +126,14 @@ def test_fit_initialises_the_head_once_and_a_resumed_run_does_not_again(tiny_cfg
     end, _ = load_checkpoint(resumed.checkpoint)
     for name, value in ckpt["state_dict"].items():
         assert torch.equal(end["state_dict"][name], value), name
+
+
+def test_digits_batches_carry_each_scans_digit_for_the_classifier(tiny_cfg):
+    dm = instantiate(tiny_cfg("data=digits", "data.labels=true").data)
+    assert dm.classnames() == ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+    dm.setup("fit")
+    batch = dm.on_before_batch_transfer(next(iter(dm.train_dataloader())), 0)
+    captions = dm.tokenizer.batch_decode(batch["input_ids"], skip_special_tokens=True)
+    assert batch["labels"].shape == (len(captions),)
+    for caption, label in zip(captions, batch["labels"].tolist(), strict=True):  # the caption names the same digit
+        assert dm.classnames()[label] in caption.replace(" ", "") or str(label) in caption, caption
