@@ -4,6 +4,7 @@ reproduce their own evaluations, and bad input is one line before anything is ev
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import mlflow
 import pytest
@@ -73,7 +74,8 @@ def test_table_and_plot_mark_the_ends(tmp_path):
 @pytest.mark.slow
 def test_wiseft_curve_reproduces_both_endpoints_and_logs_table_plot_and_metrics(tiny_cfg, isolated, capsys):
     shifts = "data.shift_domains=[sketch]"
-    zero_shot = fit(tiny_cfg(shifts, "trainer.max_steps=2", "experiment_name=wiseft_test"))
+    zero_shot = fit(tiny_cfg(shifts, "trainer.max_steps=2", "experiment_name=wiseft_test",
+                             "callbacks.checkpoint.every_n_train_steps=1", "callbacks.checkpoint.save_top_k=-1"))
     # stands in for `fit experiments=finetune_classifier init=<zero_shot>` (init= is another part of the issue)
     finetuned = fit(tiny_cfg(shifts, "trainer.max_steps=2", "objective=finetune_classifier",
                              "objective.embed_dim=16", "data.labels=true",
@@ -93,6 +95,16 @@ def test_wiseft_curve_reproduces_both_endpoints_and_logs_table_plot_and_metrics(
         ckpt, stored = load_checkpoint(path)
         dm = datamodule(stored, None, ckpt["clipkit"]["tokenizer"])
         assert domain_accuracies(build(ckpt, stored).objective, dm, probe=False)["zero-shot"] == row["accuracy"]
+    # between the ends: every shared weight mixed, the zero-shot end's head its zero-shot classifier of the classes
+    (ckpt_a, stored_a), (ckpt_b, stored_b) = load_checkpoint(zero_shot.checkpoint), load_checkpoint(finetuned.weights)
+    classifier = build(ckpt_b, stored_b).objective
+    dm = datamodule(stored_b, None, ckpt_b["clipkit"]["tokenizer"])
+    start = FinetuneClassifier.from_contrastive(build(ckpt_a, stored_a).objective, classifier.classnames)
+    start.initialise_head(dm)
+    theta = start.state_dict()
+    classifier.load_state_dict({k: 0.5 * theta[k] + 0.5 * v if v.is_floating_point() else v
+                                for k, v in classifier.state_dict().items()})
+    assert domain_accuracies(classifier, dm, probe=False)["zero-shot"] == report["rows"][1]["accuracy"]
     assert set(report["rows"][1]["accuracy"]) == {IN_DISTRIBUTION, "sketch"}
     assert (isolated / "wise" / "wiseft.png").stat().st_size > 10_000
     assert (isolated / "wise" / "wiseft.md").read_text().count("\n") == 5
@@ -104,6 +116,28 @@ def test_wiseft_curve_reproduces_both_endpoints_and_logs_table_plot_and_metrics(
     assert [(m.step, m.value) for m in history] == \
         [(s, r["accuracy"][IN_DISTRIBUTION]) for s, r in zip((0, 50, 100), report["rows"], strict=True)]
     assert set(run.data.tags["clipkit.evaluated_runs"].split(",")) == {zero_shot.run_id, finetuned.run_id}
+
+    # two contrastive ends: everything mixed, the classifier recomputed from the mixed text tower
+    first = Path(zero_shot.checkpoint).parent / "step0000001.ckpt"
+    assert main(["wiseft", f"zeroshot={first}", f"finetuned={zero_shot.checkpoint}", "alphas=[0,0.5,1]",
+                 f"out={isolated}/both", "mlflow=none"]) == 0
+    rows = json.loads((isolated / "both" / "wiseft.json").read_text())["rows"]
+    ckpt_1, stored_1 = load_checkpoint(first)
+    early, late = build(ckpt_1, stored_1).objective, build(ckpt_a, stored_a).objective
+    theta = early.state_dict()
+    late.load_state_dict({k: 0.5 * theta[k] + 0.5 * v if v.is_floating_point() else v
+                          for k, v in late.state_dict().items()})
+    dm = datamodule(stored_a, None, ckpt_a["clipkit"]["tokenizer"])
+    assert domain_accuracies(late, dm, probe=False)["zero-shot"] == rows[1]["accuracy"]
+
+    # another tokenizer: one line
+    other = torch.load(first, weights_only=False)
+    other["clipkit"]["tokenizer"] = other["clipkit"]["tokenizer"].replace('"unk_token"', '"unknown_token"', 1)
+    torch.save(other, isolated / "other.ckpt")
+    assert main(["wiseft", f"zeroshot={isolated / 'other.ckpt'}", f"finetuned={zero_shot.checkpoint}",
+                 "mlflow=none"]) == 2
+    assert capsys.readouterr().err.strip() == ("clipkit: error: zeroshot and finetuned use different tokenizers: "
+                                               "fine-tune from the zero-shot model (init=PATH keeps its tokenizer)")
 
     # the wrong way round: one line, before anything is evaluated, and no run left behind
     assert main(["wiseft", f"zeroshot={finetuned.weights}", f"finetuned={zero_shot.checkpoint}",
