@@ -100,7 +100,8 @@ class FinetuneClassifier(Contrastive):
         data_classes = getattr(datamodule, "classnames", None)
         data_classes = data_classes() if callable(data_classes) else data_classes
         if data_classes is not None and list(data_classes) != self.classnames:
-            raise ValueError(f"the data's {len(data_classes)} classes ({', '.join(list(data_classes)[:3])}, ...) are not "
+            data_classes = list(data_classes)
+            raise ValueError(f"the data's {len(data_classes)} classes ({', '.join(data_classes[:3])}, ...) are not "
                              f"the head's {len(self.classnames)} ({', '.join(self.classnames[:3])}, ...): set "
                              f"objective.classnames to the data's classes")
         self.set_zero_shot_head(class_prompts(datamodule.tokenizer, self.classnames, datamodule.templates,
