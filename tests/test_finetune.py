@@ -9,6 +9,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from clipkit.errors import DataError
 from clipkit.evaluate import load_checkpoint
 from clipkit.objectives import Contrastive, FinetuneClassifier, Objective
 from clipkit.train import fit
@@ -94,7 +95,7 @@ def test_it_trains_the_image_side_and_head_only(source):
 def test_a_head_over_other_classes_than_the_data_is_refused(source):
     model, dm, _ = source
     classifier = FinetuneClassifier.from_contrastive(model, ["red circle", "blue star"])
-    with pytest.raises(ValueError, match="the data's 56 classes .* are not the head's 2 .*set objective.classnames"):
+    with pytest.raises(DataError, match="the data's 56 classes .* are not the head's 2 .*set objective.classnames"):
         classifier.initialise_head(dm)
 
 

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clipkit.errors import DataError
 from clipkit.objectives.base import Gather, Objective
 from clipkit.objectives.contrastive import Contrastive
 from clipkit.zeroshot import class_prompts, on_device
@@ -94,16 +95,17 @@ class FinetuneClassifier(Contrastive):
 
     def initialise_head(self, datamodule) -> None:
         """At fit start: the zero-shot head over ``classnames`` with the data's tokenizer and templates, unless this
-        head was initialised before (a resumed run, or weights of a fine-tuned classifier)."""
+        head was initialised before (a resumed run, or weights of a fine-tuned classifier). A :class:`DataError` (one
+        line from the CLI) when the data's classes are not the head's."""
         if bool(self.head.initialised):
             return
         data_classes = getattr(datamodule, "classnames", None)
         data_classes = data_classes() if callable(data_classes) else data_classes
         if data_classes is not None and list(data_classes) != self.classnames:
             data_classes = list(data_classes)
-            raise ValueError(f"the data's {len(data_classes)} classes ({', '.join(data_classes[:3])}, ...) are not "
-                             f"the head's {len(self.classnames)} ({', '.join(self.classnames[:3])}, ...): set "
-                             f"objective.classnames to the data's classes")
+            raise DataError(f"the data's {len(data_classes)} classes ({', '.join(data_classes[:3])}, ...) are not "
+                            f"the head's {len(self.classnames)} ({', '.join(self.classnames[:3])}, ...): set "
+                            f"objective.classnames to the data's classes")
         self.set_zero_shot_head(class_prompts(datamodule.tokenizer, self.classnames, datamodule.templates,
                                               datamodule.context_length))
 
