@@ -108,7 +108,6 @@ def test_from_contrastive_keeps_the_source_parameter_names(source):
     assert isinstance(classifier, Contrastive)
 
 
-@pytest.mark.slow
 def test_fit_initialises_the_head_once_and_a_resumed_run_does_not_again(tiny_cfg, monkeypatch):
     calls = []
     original = FinetuneClassifier.set_zero_shot_head

@@ -71,7 +71,6 @@ def test_table_and_plot_mark_the_ends(tmp_path):
     assert (tmp_path / "w.png").stat().st_size > 10_000
 
 
-@pytest.mark.slow
 def test_wiseft_curve_reproduces_both_endpoints_and_logs_table_plot_and_metrics(tiny_cfg, isolated, capsys):
     shifts = "data.shift_domains=[sketch]"
     zero_shot = fit(tiny_cfg(shifts, "trainer.max_steps=2", "experiment_name=wiseft_test",
