@@ -29,6 +29,8 @@ commands:
           python -m clipkit ui [port=5000] [experiments=PRESET | experiment_name=NAME] [sweep=ID|NAME]
   robustness  accuracy under distribution shift and effective robustness against a supervised baseline:
           python -m clipkit robustness ckpts=[contrastive/last.ckpt,supervised_run/checkpoints] [out=DIR]
+  wiseft   interpolate a zero-shot model with its fine-tuned version (WiSE-FT), scored in and out of distribution:
+          python -m clipkit wiseft zeroshot=PATH finetuned=PATH [alphas=[0,0.1,...,1]] [out=DIR]
   predict  rank labels for images: python -m clipkit predict ckpt=PATH images=[a.png,b.jpg] labels=[cat,dog]
   import   an OpenAI/open_clip CLIP checkpoint as a clipkit model (ViT and ResNet layouts):
           python -m clipkit import ckpt=ViT-B-32.pt [out=FILE.safetensors] [act=quick_gelu|gelu]
@@ -39,7 +41,8 @@ python -m clipkit COMMAND --help prints a command's usage, options and an exampl
 
 # command -> its module in clipkit.commands (``import`` is a Python keyword)
 COMMANDS = {"fit": "fit", "eval": "eval", "data": "data", "compare": "compare", "ui": "ui", "predict": "predict",
-            "import": "import_", "export": "export", "robustness": "robustness"}
+            "import": "import_", "export": "export", "robustness": "robustness",
+            "wiseft": "wiseft"}
 
 
 def main(argv: list[str] | None = None) -> int:

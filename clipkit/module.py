@@ -159,6 +159,8 @@ class ClipKitModule(L.LightningModule):
                 f"trainer.accumulate_grad_batches={self.trainer.accumulate_grad_batches} would split the contrastive "
                 f"batch into separate, smaller ones (each micro-batch its own negatives): use accumulate=k instead, "
                 f"which keeps data.batch_size as the contrastive batch and computes it in k micro-batches")
+        # new heads start from the (pretrained) model, once: not again on resume (the objective saves that it did)
+        self.objective.initialise_head(self.trainer.datamodule)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         gather = self._gather if self.trainer.world_size > 1 else None

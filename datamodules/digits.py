@@ -61,8 +61,10 @@ class DigitsDataModule(CaptionDataModule):
     over those, reshuffled), the rest held out over the ten digit words: ``val_fraction`` of those scans (per class)
     as the validation set that model selection uses, the others as the reported ``digits`` zero-shot set."""
 
-    def __init__(self, tokenizer, seed: int = 0, zeroshot_fraction: float = 0.2, **common) -> None:
+    def __init__(self, tokenizer, seed: int = 0, zeroshot_fraction: float = 0.2, labels: bool = False,
+                 **common) -> None:
         self.images, self.labels = load_digits_images()
+        self.with_labels = labels
         self.held_out = per_class_mask(self.labels, zeroshot_fraction, seed)
         self._source = DigitsSource(self.images, self.labels, np.flatnonzero(~self.held_out))
         common["templates"] = common.get("templates") or list(TEMPLATES)
@@ -70,6 +72,18 @@ class DigitsDataModule(CaptionDataModule):
 
     def source(self) -> DigitsSource:
         return self._source
+
+    def classnames(self) -> list[str]:
+        """The ten digit words, in the order of the labels."""
+        return list(WORDS)
+
+    def on_before_batch_transfer(self, batch, dataloader_idx: int):
+        """With ``labels``, each training batch gets ``labels [B]``: each scan's digit, found from its key (its index
+        among the scans), for a classifier (``objective=finetune_classifier``)."""
+        batch = super().on_before_batch_transfer(batch, dataloader_idx)
+        if self.with_labels and isinstance(batch, dict) and "keys" in batch:
+            batch["labels"] = torch.as_tensor([int(self.labels[int(k.rsplit(" ", 1)[-1])]) for k in batch["keys"]])
+        return batch
 
     def probe_sets(self) -> list[ProbeSet]:
         """Probe training images: the training scans; test: the held-out scans of the zero-shot set."""

@@ -55,7 +55,8 @@ def exit_code(args: list[str]) -> int:
 # command -> an option its help must explain (besides usage and an example)
 OPTIONS = {"fit": "model/image: resnet_clip_tiny, vit_tiny, vit_tiny_hybrid", "eval": "ckpt: ???",
            "data": "{synth,inspect}", "compare": "--experiment", "ui": "port=5000", "predict": "labels: ???",
-           "robustness": "ckpts: ???", "import": "act: quick_gelu", "export": "format: ???"}
+           "robustness": "ckpts: ???", "import": "act: quick_gelu", "export": "format: ???",
+           "wiseft": "finetuned: ???"}
 
 
 def test_every_command_has_its_help_checked():
@@ -88,7 +89,7 @@ def test_fit_help_is_hydras_with_presets_explained(capsys, monkeypatch):
     assert "objective: bow_contrastive, bow_prediction, caption_lm, contrastive" in out
 
 
-@pytest.mark.parametrize("command", ["eval", "predict", "robustness", "import", "export", "ui"])
+@pytest.mark.parametrize("command", ["eval", "predict", "robustness", "import", "export", "ui", "wiseft"])
 def test_a_flag_given_to_a_key_value_command_is_one_line(command, capsys):
     assert main([command, "--ckpt", "model.ckpt"]) == 2
     err = capsys.readouterr().err

@@ -6,7 +6,8 @@ from clipkit.objectives.base import Objective
 from clipkit.objectives.bow_prediction import BagOfWordsPrediction, bag_of_words
 from clipkit.objectives.caption import CaptionLM
 from clipkit.objectives.contrastive import Contrastive, contrastive_loss
+from clipkit.objectives.finetune import FinetuneClassifier
 from clipkit.objectives.supervised import Supervised
 
-__all__ = ["BagOfWordsPrediction", "CaptionLM", "Contrastive", "Objective", "Supervised", "bag_of_words",
+__all__ = ["BagOfWordsPrediction", "CaptionLM", "Contrastive", "FinetuneClassifier", "Objective", "Supervised", "bag_of_words",
            "contrastive_loss"]

@@ -105,3 +105,12 @@ class Objective(nn.Module, ABC):
 
     def after_optimizer_step(self) -> None:
         """Hook for in-place parameter constraints after each optimiser step (e.g. clamping)."""
+
+    def new_heads(self) -> list[str]:
+        """Names of the parts that a pretrained model does not have (a classifier head): they start from their own
+        initialisation, not from ``init`` weights."""
+        return []
+
+    def initialise_head(self, datamodule) -> None:
+        """Fit-start hook, after pretrained weights are loaded and before the first step: set up new heads from the
+        model itself (the fine-tuned classifier's zero-shot head). Must do nothing on a resumed run."""
