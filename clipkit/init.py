@@ -260,7 +260,7 @@ def load_init(module: torch.nn.Module, source: Source, strict: bool = True, set_
     target = {k: v for k, v in module.state_dict().items() if k.startswith("objective.")}
     theirs = {k: v for k, v in source.state.items() if k.startswith("objective.")}
     # an objective may name parts it adds to a pretrained model (a classifier head): new unless the source has them
-    fresh = tuple(f"objective.{p}" for p in getattr(module.objective, "init_fresh", ()))
+    fresh = tuple(f"objective.{p}." for p in module.objective.new_heads())
     match = match_state(target, theirs, fresh)
     if strict and not match.fits:
         raise InitError(describe(match, f"init={source.path}", set_keys) + ", or init_strict=false to load what fits")

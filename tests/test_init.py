@@ -225,7 +225,7 @@ def test_lora_wrapped_layers_match_their_plain_source_keys():
 
 
 def test_parts_an_objective_adds_are_new_unless_the_source_has_them():
-    """A fine-tuning objective's new head (``init_fresh``) is not expected in a pretrained source."""
+    """A fine-tuning objective's new head (``Objective.new_heads``) is not expected in a pretrained source."""
     target = {"tower.weight": torch.zeros(2), "head.weight": torch.zeros(3)}
     assert match_state(target, {"tower.weight": torch.ones(2)}, fresh=("head.",)).fits
     assert match_state(target, {"tower.weight": torch.ones(2)}).missing == ["head.weight"]

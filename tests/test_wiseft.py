@@ -75,11 +75,18 @@ def test_wiseft_curve_reproduces_both_endpoints_and_logs_table_plot_and_metrics(
     shifts = "data.shift_domains=[sketch]"
     zero_shot = fit(tiny_cfg(shifts, "trainer.max_steps=2", "experiment_name=wiseft_test",
                              "callbacks.checkpoint.every_n_train_steps=1", "callbacks.checkpoint.save_top_k=-1"))
-    # stands in for `fit experiments=finetune_classifier init=<zero_shot>` (init= is another part of the issue)
-    finetuned = fit(tiny_cfg(shifts, "trainer.max_steps=2", "objective=finetune_classifier",
-                             "objective.embed_dim=16", "data.labels=true",
-                             "module.optimizer.lr=1e-2", f"paths.output_dir={isolated}/ft",
-                             "experiment_name=wiseft_test"))
+    # the README's recipe: fine-tune the zero-shot model's export with the classifier preset (its architecture and
+    # tokenizer come from the source), then interpolate
+    finetuned = fit(tiny_cfg(shifts, "experiments=finetune_classifier", f"init={zero_shot.weights}",
+                             "trainer.max_steps=2", "module.optimizer.lr=1e-2", "module.warmup_steps=1",
+                             f"paths.output_dir={isolated}/ft", "experiment_name=wiseft_test"))
+    source, tuned = load_checkpoint(zero_shot.weights)[0]["state_dict"], load_checkpoint(finetuned.weights)[0]
+    assert tuned["clipkit"]["tokenizer"] == load_checkpoint(zero_shot.weights)[0]["clipkit"]["tokenizer"]
+    moved = [k for k, v in source.items() if k.startswith("objective.image_tower.")
+             and not torch.equal(v, tuned["state_dict"][k])]
+    assert moved, "the fine-tuned image tower should have moved from its init"
+    frozen = [k for k in source if k.startswith("objective.text_tower.")]  # frozen: still exactly the source's
+    assert frozen and all(torch.equal(source[k], tuned["state_dict"][k]) for k in frozen)
     uri = f"sqlite:///{isolated}/mlflow.db"
     capsys.readouterr()
     assert main(["wiseft", f"zeroshot={zero_shot.checkpoint}", f"finetuned={finetuned.weights}",

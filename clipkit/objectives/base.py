@@ -98,17 +98,13 @@ class Objective(nn.Module, ABC):
             f"accumulate>1 is implemented for batch-coupled (contrastive) objectives; {type(self).__name__}'s loss is "
             f"per sample, so use trainer.accumulate_grad_batches for it")
 
-    def new_heads(self) -> list[str]:
-        """Prefixes of parameter names (relative to the objective) of heads that fine-tuning adds rather than
-        loads: they take ``module.head_lr`` and no layer-wise decay. None by default."""
-        return []
-
     def after_optimizer_step(self) -> None:
         """Hook for in-place parameter constraints after each optimiser step (e.g. clamping)."""
 
     def new_heads(self) -> list[str]:
-        """Names of the parts that a pretrained model does not have (a classifier head): they start from their own
-        initialisation, not from ``init`` weights."""
+        """Prefixes of parameter names (relative to the objective) of heads that fine-tuning adds, which a
+        pretrained model does not have (a classifier head): ``init`` does not expect them in its source, and they
+        take ``module.head_lr`` and no layer-wise decay. None by default."""
         return []
 
     def initialise_head(self, datamodule) -> None:
