@@ -245,3 +245,24 @@ def test_resuming_a_lora_run_continues_its_adapters_exactly(tiny_cfg):
     got = torch.load(resumed.checkpoint, weights_only=True)["state_dict"]
     assert got.keys() == expected.keys() and any(is_adapter_key(k) for k in got)
     assert all(torch.equal(got[k], expected[k]) for k in got)
+
+
+def test_lora_fine_tuning_from_init_changes_only_the_adapted_layers_and_what_lies_outside_the_towers(tiny_cfg, isolated):
+    """The README's LoRA command: a contrastive model fine-tuned with ``init=`` and adapters on both towers. The
+    source's weights load under the adapters (``.base_layer``), and the merged result has exactly the source's
+    tensors; inside the towers only the weights an adapter was merged into moved (and batch-norm statistics, which
+    training mode updates), outside them the projections and temperature train as usual."""
+    source = fit(tiny_cfg("trainer.max_steps=2"))
+    tuned = fit(tiny_cfg("experiments=finetune_contrastive", f"init={source.weights}", "trainer.max_steps=2",
+                         "module.warmup_steps=1", "module.optimizer.lr=1e-2", *BOTH,
+                         f"paths.output_dir={isolated}/ft"), overrides=BOTH)
+    before, after = (load_checkpoint(path)[0]["state_dict"] for path in (source.weights, tuned.weights))
+    assert set(after) == set(before)
+    module = build(*load_checkpoint(tuned.checkpoint), merge=False)
+    adapted = {f"objective.{name.split('.lora_A')[0].replace('.base_layer', '')}."
+               for name, _ in module.objective.named_parameters() if ".lora_A." in name}
+    assert any(".image_tower." in a for a in adapted) and any(".text_tower." in a for a in adapted)
+    statistics = ("running_mean", "running_var", "num_batches_tracked")  # the hybrid stem's batch norm still counts
+    for key in (k for k in before if k.startswith(("objective.image_tower.", "objective.text_tower."))
+                and not k.endswith(statistics)):
+        assert torch.equal(before[key], after[key]) != (key in {f"{a}weight" for a in adapted}), key
