@@ -8,10 +8,11 @@ nothing in the library imports a command back. Commands import the library insid
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from clipkit.errors import UsageError
 
@@ -87,3 +88,19 @@ def one_line(*kinds: type[Exception]) -> Iterator[None]:
         yield
     except kinds as err:
         raise UsageError(str(err)) from None
+
+
+def scoring_command(command: KeyValueCommand, args: list[str], score: Callable[[Any], tuple[dict, str]]) -> int:
+    """The commands that score models and write a report (``robustness``, ``wiseft``): ``score(cfg)`` returns the
+    result (``files``, ``mlflow_run``) and its table; it runs after ``mlflow=`` is checked, its mistakes one line."""
+    cfg = command.compose(args)
+    if cfg is None:
+        return 0
+    if cfg.mlflow not in ("new", "none"):
+        raise UsageError(f"mlflow={cfg.mlflow}: choose new or none")
+    with one_line():
+        result, table = score(cfg)
+    print(table)
+    where = f"  (MLflow run {result['mlflow_run']})" if result["mlflow_run"] else ""
+    print(f"written: {', '.join(result['files'])}{where}", flush=True)
+    return 0

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from clipkit.commands import KeyValueCommand, one_line
-from clipkit.errors import UsageError
+from clipkit.commands import KeyValueCommand, scoring_command
 
 COMMAND = KeyValueCommand(
     "robustness", "python -m clipkit robustness ckpts=[contrastive.ckpt,supervised_run/checkpoints] [key=value ...]",
@@ -15,16 +14,11 @@ COMMAND = KeyValueCommand(
 
 
 def main(args: list[str]) -> int:
-    cfg = COMMAND.compose(args)
-    if cfg is None:
-        return 0
-    if cfg.mlflow not in ("new", "none"):
-        raise UsageError(f"mlflow={cfg.mlflow}: choose new or none")
+    return scoring_command(COMMAND, args, score)
+
+
+def score(cfg) -> tuple[dict, str]:
     from clipkit.robustness import robustness, table
 
-    with one_line():
-        result = robustness(cfg)
-    print(table(result["rows"]))
-    where = f"  (MLflow run {result['mlflow_run']})" if result["mlflow_run"] else ""
-    print(f"written: {', '.join(result['files'])}{where}", flush=True)
-    return 0
+    result = robustness(cfg)
+    return result, table(result["rows"])

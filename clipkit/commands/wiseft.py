@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from clipkit.commands import KeyValueCommand, one_line
-from clipkit.errors import UsageError
+from clipkit.commands import KeyValueCommand, scoring_command
 
 COMMAND = KeyValueCommand(
     "wiseft", "python -m clipkit wiseft zeroshot=PATH finetuned=PATH [alphas=[0,0.1,...,1]] [key=value ...]",
@@ -15,17 +14,12 @@ COMMAND = KeyValueCommand(
 
 
 def main(args: list[str]) -> int:
-    cfg = COMMAND.compose(args)
-    if cfg is None:
-        return 0
-    if cfg.mlflow not in ("new", "none"):
-        raise UsageError(f"mlflow={cfg.mlflow}: choose new or none")
+    return scoring_command(COMMAND, args, score)
+
+
+def score(cfg) -> tuple[dict, str]:
     from clipkit.wiseft import parse_alphas, table, wiseft
 
-    with one_line():
-        parse_alphas(cfg.alphas)  # before loading anything
-        result = wiseft(cfg)
-    print(table(result["rows"]))
-    where = f"  (MLflow run {result['mlflow_run']})" if result["mlflow_run"] else ""
-    print(f"written: {', '.join(result['files'])}{where}", flush=True)
-    return 0
+    parse_alphas(cfg.alphas)  # before loading anything
+    result = wiseft(cfg)
+    return result, table(result["rows"])
