@@ -241,6 +241,12 @@ def main() -> None:
     seeds = numbers(args.seeds or ("0" if args.quick else "0,1,2"), int, "--seeds")
     alphas = sorted(set(numbers(args.alphas or ("0,0.5,1" if args.quick else ",".join(f"{i / 10:g}" for i in
                                                                                       range(11))), float, "--alphas")))
+    try:  # before anything trains
+        from clipkit.wiseft import parse_alphas
+
+        parse_alphas(alphas)
+    except ValueError as err:
+        raise SystemExit(f"--alphas: {err}") from None
     if not seeds or not {0.0, ALPHA, 1.0} <= set(alphas):
         raise SystemExit(f"--seeds needs one seed or more and --alphas must hold 0, {ALPHA:g} and 1 (got {alphas})")
     workdir = Path(args.workdir or ROOT / "benchmarks" / ".claims" / ("quick" if args.quick else ""))
@@ -284,4 +290,9 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from clipkit.errors import DataError, UsageError
+
+    try:
+        main()
+    except (UsageError, DataError) as err:  # e.g. a --zeroshot file that is no model clipkit reads: one line
+        raise SystemExit(f"error: {err}") from None
