@@ -9,9 +9,10 @@ its own steps) trained once into benchmarks/.claims/ (the same run ``robustness.
 it fine-tunes that model with ``fit experiments=finetune_classifier init=ZS seed=S`` twice: every weight of the image
 tower (full fine-tuning), and LoRA on the image tower only (``model.image.lora.r=8``). The text tower needs no LoRA
 here: finetune_classifier keeps it frozen (it only builds the zero-shot head), so adapters there would never train.
-Each run is reused from benchmarks/.claims/ when its last checkpoint and export exist. For each fine-tuned run (its
-export, LoRA merged) ``clipkit.wiseft.wiseft`` scores θ(α) = (1 − α)·θ_zero-shot + α·θ_fine-tuned for every α, in
-distribution and on every shifted domain; α = 0 is the zero-shot model and α = 1 the fine-tuned one, so every row of
+Each run is reused from benchmarks/.claims/ when its last checkpoint and export exist, and its curve (below) when
+it was scored at the same alphas: delete a folder to redo it. For each fine-tuned run (its export, LoRA merged)
+``clipkit.wiseft.wiseft`` scores θ(α) = (1 − α)·θ_zero-shot + α·θ_fine-tuned for every α, in distribution and on
+every shifted domain; α = 0 is the zero-shot model and α = 1 the fine-tuned one, so every row of
 the table is read from those curves, on the held-out and shifted sets of the fine-tuned run's seed (paired by seed).
 
 WiSE-FT's α is 0.5, fixed in advance (the paper's recommendation when no held-out shift is available). The best α is
@@ -235,7 +236,7 @@ def main() -> None:
     parser.add_argument("--seeds", default=None, help="fine-tuning seeds (default 0,1,2; --quick: 0)")
     parser.add_argument("--alphas", default=None, help="default 0,0.1,...,1 (--quick: 0,0.5,1); must hold 0, 0.5, 1")
     parser.add_argument("--out", default=None, help="default benchmarks/finetune (--quick: WORKDIR/out)")
-    parser.add_argument("--workdir", default=None, help="default benchmarks/.claims (--quick: benchmarks/.claims/quick)")
+    parser.add_argument("--workdir", default=None, help="default benchmarks/.claims (--quick: its quick/)")
     parser.add_argument("--quick", action="store_true", help="tiny towers, few steps: a smoke run, numbers meaningless")
     args = parser.parse_args()
     seeds = numbers(args.seeds or ("0" if args.quick else "0,1,2"), int, "--seeds")
