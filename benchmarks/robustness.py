@@ -23,15 +23,16 @@ sys.path.insert(0, str(ROOT))
 from clipkit.config import compose_config  # noqa: E402
 
 
-def train(preset: str, steps: int, workdir: Path) -> Path:
-    """The run's output folder, trained now unless a previous call left its last checkpoint."""
+def train(preset: str, steps: int, workdir: Path, extra: tuple[str, ...] = ()) -> Path:
+    """The run's output folder, trained now unless a previous call left its last checkpoint (``extra``: more
+    overrides, e.g. tiny towers for a smoke run; give such a run its own ``workdir``)."""
     from clipkit.train import fit
 
     out = workdir / f"{preset}-{steps}"
     if not (out / "checkpoints" / "last.ckpt").exists():
         fit(compose_config([f"experiments={preset}", f"trainer.max_steps={steps}", "trainer.enable_progress_bar=false",
                             f"callbacks.checkpoint.every_n_train_steps={max(1, steps // 6)}",
-                            "callbacks.checkpoint.save_top_k=-1", f"paths.output_dir={out}"]), preset=preset)
+                            "callbacks.checkpoint.save_top_k=-1", f"paths.output_dir={out}", *extra]), preset=preset)
     return out
 
 
