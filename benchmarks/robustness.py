@@ -24,15 +24,19 @@ from clipkit.config import compose_config  # noqa: E402
 
 
 def train(preset: str, steps: int, workdir: Path, extra: tuple[str, ...] = ()) -> Path:
-    """The run's output folder, trained now unless a previous call left its last checkpoint (``extra``: more
-    overrides, e.g. tiny towers for a smoke run; give such a run its own ``workdir``)."""
+    """The run's output folder, trained now unless a previous call finished it (its ``last.ckpt`` is at ``steps``;
+    a run interrupted earlier is resumed from it, not taken as done). ``extra``: more overrides, e.g. tiny towers
+    for a smoke run; give such a run its own ``workdir``."""
     from clipkit.train import fit
+    from clipkit.weights import read_weights
 
     out = workdir / f"{preset}-{steps}"
-    if not (out / "checkpoints" / "last.ckpt").exists():
+    last = out / "checkpoints" / "last.ckpt"
+    if not last.exists() or read_weights(last, mmap=True)["global_step"] < steps:
         fit(compose_config([f"experiments={preset}", f"trainer.max_steps={steps}", "trainer.enable_progress_bar=false",
                             f"callbacks.checkpoint.every_n_train_steps={max(1, steps // 6)}",
-                            "callbacks.checkpoint.save_top_k=-1", f"paths.output_dir={out}", *extra]), preset=preset)
+                            "callbacks.checkpoint.save_top_k=-1", f"paths.output_dir={out}", *extra,
+                            *([f"resume={last}"] if last.exists() else [])]), preset=preset)
     return out
 
 
