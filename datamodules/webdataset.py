@@ -475,7 +475,7 @@ class ShardSource:
         with stream:
             try:
                 for sample in group_by_keys(tar_members(stream, shard, seen)):
-                    image = next((sample[k] for k in self.image_keys if k in sample), None)
+                    image = self._image(sample)
                     if keys is not None:
                         keys.append(sample["__key__"])
                     yield Record(shard, sample["__key__"], image, sample.get(self.caption_key))
@@ -483,6 +483,11 @@ class ShardSource:
                 raise BadSample("unreadable_shard", f"{shard}: {err}") from None
         if made_from is not None:  # read to its clean end (a damaged or half-read shard gets none)
             self._write_index(made_from, seen, keys)
+
+    def _image(self, sample: dict, default=None):
+        """A sample's image: the first of ``image_keys`` it has (as webdataset's readers pick it). One rule for the
+        streaming reader, the header replay and the index, which must agree record for record."""
+        return next((sample[k] for k in self.image_keys if k in sample), default)
 
     def index_path(self, shard: str) -> Path | None:
         """Where a local shard's index is (or would be) kept, named by the shard's path, size and modification
@@ -550,23 +555,24 @@ class ShardSource:
             return None
         if [key for key, _ in samples] != keys:
             return None
-        none, image_keys = (-1, -1), self.image_keys
-        return np.array([(*next((sample[k] for k in image_keys if k in sample), none),
-                          *sample.get(self.caption_key, none)) for _, sample in samples], np.int64).reshape(-1, 4)
+        none = (-1, -1)
+        return np.array([(*self._image(sample, none), *sample.get(self.caption_key, none)) for _, sample in samples],
+                        np.int64).reshape(-1, 4)
 
     def read_index(self, shard: str) -> Index | None:
         """The shard's index, if one was made from this very file; None otherwise, or if it cannot be read (a
         partial or foreign file in the cache: the replay then reads headers)."""
-        path = self.index_path(shard)
+        made_from = self._index_of(shard)  # one stat of the shard names the index and checks it
+        path = None if made_from is None else self._index_file(made_from)
         if path is None or not path.is_file():
             return None
         try:
             with np.load(path, allow_pickle=False) as saved:
-                blob, spans, made_from = saved["keys"], saved["spans"], saved["made_from"].tobytes()
+                blob, spans, stored = saved["keys"], saved["spans"], saved["made_from"].tobytes()
             keys = blob.tobytes().decode("utf-8", "surrogateescape").split("\0") if len(spans) else []
         except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
             return None
-        if made_from != self._index_of(shard) or spans.dtype != np.int64 or spans.shape != (len(keys), 4):
+        if stored != made_from or spans.dtype != np.int64 or spans.shape != (len(keys), 4):
             return None
         return Index(keys, spans)
 
@@ -601,8 +607,7 @@ class ShardSource:
                         yield from self._kept(map(tuple.__new__, repeat(Record), made), replay)
                         continue
                     key, sample = item
-                    image = next((sample[k] for k in self.image_keys if k in sample), None)
-                    yield Record(shard, key, payload(image), payload(sample.get(self.caption_key)))
+                    yield Record(shard, key, payload(self._image(sample)), payload(sample.get(self.caption_key)))
             except (tarfile.TarError, OSError, EOFError, ValueError) as err:
                 raise BadSample("unreadable_shard", f"{shard}: {err}") from None
 
