@@ -20,6 +20,7 @@ import torch
 from omegaconf import OmegaConf
 
 from clipkit.evaluation.robustness import IN_DISTRIBUTION, domain_accuracies
+from clipkit.init import match_state
 from clipkit.objectives import Contrastive, FinetuneClassifier
 
 
@@ -48,17 +49,16 @@ def check_same_architecture(zeroshot: torch.nn.Module, finetuned: torch.nn.Modul
                                                       isinstance(finetuned, FinetuneClassifier)):
         raise ValueError(f"wiseft interpolates a contrastive model with a fine-tuned version of it (objective="
                          f"contrastive or finetune_classifier), not {zeroshot.arm!r} with {finetuned.arm!r}")
-    a, b = zeroshot.state_dict(), finetuned.state_dict()
     heads = tuple(f"{h}." for h in finetuned.new_heads()) if type(zeroshot) is not type(finetuned) else ()
-    only_a = [k for k in a if k not in b]
-    only_b = [k for k in b if k not in a and not k.startswith(heads)]
-    if only_a or only_b:
-        name, where = (only_a[0], "zeroshot") if only_a else (only_b[0], "finetuned")
+    # init's matching: the fine-tuned model as the target, the zero-shot one as its source
+    match = match_state(finetuned.state_dict(), zeroshot.state_dict(), heads)
+    if match.unexpected or match.missing:
+        name, where = (match.unexpected[0], "zeroshot") if match.unexpected else (match.missing[0], "finetuned")
         raise ValueError(f"zeroshot and finetuned are different architectures: {name} is only in {where}")
-    for k, v in a.items():
-        if v.shape != b[k].shape:
-            raise ValueError(f"zeroshot and finetuned are different architectures: {k} is {list(v.shape)} in zeroshot "
-                             f"and {list(b[k].shape)} in finetuned")
+    if match.mismatched:
+        key, theirs, ours = match.mismatched[0]
+        raise ValueError(f"zeroshot and finetuned are different architectures: {key} is {list(theirs)} in zeroshot "
+                         f"and {list(ours)} in finetuned")
 
 
 def interpolate(zeroshot: dict[str, torch.Tensor], finetuned: dict[str, torch.Tensor], alpha: float) -> dict:
